@@ -1,0 +1,1 @@
+"""Randomized-smoothing certification (Cohen et al.'s CERTIFY / PREDICT)."""

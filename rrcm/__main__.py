@@ -1,0 +1,3 @@
+from rrcm.cli import main
+
+raise SystemExit(main())

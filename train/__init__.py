@@ -1,0 +1,1 @@
+"""Training: rRCM pre-training (contrastive denoising + consistency) and per-sigma fine-tuning."""

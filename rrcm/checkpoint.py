@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
+    except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: unreadable or unsafe weights file ({first})") from None
     for key in ("state_dict", "model", "ema"):
@@ -113,5 +114,5 @@ def load_train_state(folder: str | Path) -> dict[str, Any] | None:
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
+    except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
         raise UserError(f"{path}: unreadable training state ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

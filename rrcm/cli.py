@@ -19,7 +19,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("rrcm.engine.commands:PREDICT", "smoothed predictions with abstention (Cohen et al.'s PREDICT)"),
     "analyze": ("rrcm.engine.analyze:COMMAND", "certified-accuracy table, average certified radius and plot of TSVs"),
     "export": ("rrcm.export.commands:COMMAND", "export a classifier for one sigma (onnx, aoti, tensorrt)"),
-    "demo": ("rrcm.engine.demo:COMMAND", "certify a few test images with the bundled Fashion-MNIST model"),
 }
 
 

@@ -1,0 +1,129 @@
+"""Maximum radius within a budget: levels, Clopper-Pearson bounds, and soundness under adversarial stopping."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import ndtr, ndtri
+from scipy.stats import binom
+
+from halfspace import GaussianSampler, HalfSpace
+from rrcm.engine.adaptive import (
+    ABSTAIN, AdaptiveResult, certify_adaptive, checkpoint_levels, clopper_pearson_lower, clopper_pearson_upper,
+    doubling_checkpoints,
+)
+from rrcm.errors import UserError
+
+SIGMA = 0.5
+
+
+def test_checkpoints_double_up_to_the_budget():
+    assert doubling_checkpoints(100_000) == [100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200, 100_000]
+    assert doubling_checkpoints(800) == [100, 200, 400, 800]
+    assert doubling_checkpoints(50) == [50]
+
+
+def test_levels_spend_half_on_the_last_checkpoint():
+    levels = checkpoint_levels(11, 0.001)
+    assert levels.sum() == pytest.approx(0.001, rel=1e-12)
+    assert levels[-1] == 0.0005
+    k = np.arange(10)
+    np.testing.assert_allclose(levels[:-1] / levels[0], 2 / ((k + 1) * (k + 2)))
+    assert checkpoint_levels(1, 0.01).tolist() == [0.01]
+
+
+@pytest.mark.parametrize("t,level", [(20, 0.05), (100, 0.001), (100, 0.3)])
+def test_clopper_pearson_bounds_have_exact_coverage(t, level):
+    h = np.arange(t + 1)
+    lower, upper = clopper_pearson_lower(h, t, level), clopper_pearson_upper(h, t, level)
+    assert lower[0] == 0.0 and upper[-1] == 1.0 and (lower <= h / t).all() and (upper >= h / t).all()
+    worst_low = worst_up = 0.0
+    for p in np.linspace(0.001, 0.999, 999):
+        pmf = binom.pmf(h, t, p)
+        worst_low = max(worst_low, pmf[lower > p].sum())
+        worst_up = max(worst_up, pmf[upper < p].sum())
+    assert level / 3 < worst_low <= level * (1 + 1e-9)
+    assert level / 3 < worst_up <= level * (1 + 1e-9)
+
+
+def ever_exceeds(p_true: np.ndarray, checkpoints: list[int], levels: np.ndarray, rng) -> np.ndarray:
+    """Per run: does the best-so-far lower bound ever exceed the true probability? This is the adversary who stops
+    the first time the radius exceeds the true radius (the radius is monotone in the bound)."""
+    steps = np.diff(np.append(0, checkpoints))
+    hits = np.cumsum(rng.binomial(steps, p_true[:, None], size=(p_true.size, len(checkpoints))), axis=1)
+    best = np.maximum.accumulate(clopper_pearson_lower(hits, np.array(checkpoints), levels), axis=1)
+    return (best > p_true[:, None]).any(axis=1)
+
+
+@pytest.mark.parametrize("distance", [0.1, 0.6, 1.2])
+def test_adversarial_stopping_cannot_beat_alpha(distance):
+    """Half-space points with true radius `distance` (p = Phi(distance / sigma)), 40,000 runs, alpha = 0.05."""
+    alpha, runs = 0.05, 40_000
+    checkpoints = doubling_checkpoints(12_800)
+    p_true = np.full(runs, ndtr(distance / SIGMA))
+    rng = np.random.default_rng(int(distance * 10))
+    failures = ever_exceeds(p_true, checkpoints, checkpoint_levels(len(checkpoints), alpha), rng).mean()
+    assert failures <= alpha
+    # the same adversary against alpha at every checkpoint: the test above would catch that mistake
+    naive = ever_exceeds(p_true, checkpoints, np.full(len(checkpoints), alpha), rng).mean()
+    assert naive > alpha + 6 * math.sqrt(alpha * (1 - alpha) / runs)
+
+
+def fixed_rate_sampler(*rates: float):
+    """Deterministic counts: round(rate * m) for classes 1, 2, ... and the rest for class 0, in every call."""
+    def draw(m):
+        counts = [round(rate * m) for rate in rates]
+        return torch.tensor([m - sum(counts)] + counts)
+    return draw
+
+
+def test_tolerance_decides_how_much_of_the_budget_is_spent():
+    draw = fixed_rate_sampler(0.9)
+    levels = checkpoint_levels(11, 0.001)
+    first = certify_adaptive(draw, draw, 2, SIGMA, 0.001, tolerance=math.inf)
+    assert first == AdaptiveResult(1, SIGMA * float(ndtri(clopper_pearson_lower(90, 100, levels[0]))),
+                                   float(clopper_pearson_lower(90, 100, levels[0])), 200)
+    full = certify_adaptive(draw, draw, 2, SIGMA, 0.001, tolerance=0.0)
+    assert full.samples == 100 + 100_000
+    assert full.p_lower == pytest.approx(float(clopper_pearson_lower(90_000, 100_000, 0.0005)), rel=1e-12)
+    some = certify_adaptive(draw, draw, 2, SIGMA, 0.001, tolerance=0.01)
+    assert first.samples < some.samples < full.samples
+    assert full.radius - 0.01 <= some.radius < full.radius
+
+
+def test_clear_abstentions_stop_at_the_first_checkpoint():
+    draw = fixed_rate_sampler(0.24, 0.24, 0.24)  # the top class, 0, has probability 0.28
+    assert certify_adaptive(draw, draw, 4, SIGMA, 0.001, tolerance=0.0) == AdaptiveResult(
+        ABSTAIN, 0.0, float(clopper_pearson_lower(28, 100, checkpoint_levels(11, 0.001)[0])), 200)
+    tie = fixed_rate_sampler(0.5)
+    result = certify_adaptive(tie, tie, 2, SIGMA, 0.001, max_samples=3200)
+    assert result.prediction == ABSTAIN and result.samples == 3300
+
+
+def test_real_sampler_runs_stay_below_the_adversarial_bound():
+    """certify_adaptive through noisy_inputs + a half-space (true radius 0.64): its own stopping rule is one of the
+    rules the adversarial bound covers."""
+    alpha, runs, budget, distance = 0.2, 400, 1600, 0.64
+    model = HalfSpace((1, 2, 2), seed=5)
+    image = model.image_at_distance(distance)
+    results = [certify_adaptive(GaussianSampler(model, image, SIGMA, 2 * i), GaussianSampler(model, image, SIGMA, 2 * i + 1),
+                                2, SIGMA, alpha, max_samples=budget, tolerance=0.01) for i in range(runs)]
+    assert all(r.prediction == 1 and r.radius > 0 for r in results)
+    assert all(r.radius == pytest.approx(SIGMA * ndtri(r.p_lower)) for r in results)
+    assert any(r.samples < 100 + budget for r in results)
+    rate = np.mean([r.radius > distance for r in results])
+    checkpoints = doubling_checkpoints(budget)
+    bound = ever_exceeds(np.full(100_000, ndtr(distance / SIGMA)), checkpoints,
+                         checkpoint_levels(len(checkpoints), alpha), np.random.default_rng(1)).mean()
+    assert bound <= alpha
+    assert rate <= bound + 3 * math.sqrt(bound * (1 - bound) / runs)
+
+
+def test_bad_arguments_are_user_errors():
+    draw = fixed_rate_sampler(0.9)
+    for kwargs in (dict(alpha=0.0), dict(sigma=-1.0), dict(tolerance=-0.1), dict(n0=0),
+                   dict(checkpoints=[100, 100, 1000], max_samples=1000), dict(checkpoints=[100, 500], max_samples=1000),
+                   dict(max_samples=0)):
+        args = dict(sigma=SIGMA, alpha=0.01) | kwargs
+        with pytest.raises(UserError):
+            certify_adaptive(draw, draw, 2, **args)

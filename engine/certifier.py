@@ -1,0 +1,223 @@
+"""Cohen et al.'s CERTIFY and PREDICT for any classifier of noisy pixel-space images.
+
+The certifier only samples and counts; `rrcm.engine.stats` turns counts into guarantees. All noise goes
+through `sample_counts`: drawn on the backend's device by `rrcm.kernels.noisy_inputs` (noise, affine map
+to the model's input space and dtype in one pass), argmax and counts stay on the device, and the counts
+of a whole call come to the host once.
+
+Seeds: image seed s gives the selection stream (s, 0) and the estimation stream (s, 1), two independent
+torch.Generators; without a seed each stream is seeded afresh from the OS.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from rrcm.engine import stats
+from rrcm.engine.backends import make_backend
+from rrcm.errors import UserError
+from rrcm.kernels import count_predictions, noisy_inputs
+
+SELECTION, ESTIMATION = 0, 1
+
+
+def derive_seed(*keys: int) -> int:
+    """A 64-bit generator seed from non-negative integer keys, e.g. (run seed, image index) or (seed, stream)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
+
+
+@dataclass(frozen=True)
+class CertifyResult:
+    prediction: int  # the certified class, or Certifier.ABSTAIN
+    radius: float  # L2 radius in pixel space; 0.0 when abstaining
+    p_lower: float  # Clopper-Pearson lower bound on the probability of the selected class
+    counts: np.ndarray  # (num_classes,) int64 class counts of the n estimation samples
+
+
+def _check_count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _as_float(name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+
+
+def _check_alpha(alpha: float) -> float:
+    alpha = _as_float("alpha", alpha)
+    if not 0.0 < alpha < 1.0:
+        raise UserError(f"alpha must be in (0, 1), got {alpha!r}")
+    return alpha
+
+
+def _split(total: int, size: int) -> list[int]:
+    return [size] * (total // size) + ([total % size] if total % size else [])
+
+
+class Certifier:
+    """Randomized-smoothing certification of `model` at noise level `sigma` (pixel space, images in [0, 1]).
+
+    model: a torch module mapping noisy pixel-space batches (N, C, H, W) to logits (N, num_classes), e.g.
+    `rrcm.load_classifier(...)`; or a path to an .onnx file. backend: a name in `backends.BACKENDS`
+    (default: onnxruntime for a path, torch for a module) made with `backend_options` (torch: compile=True,
+    dtype=torch.bfloat16; onnxruntime: threads=N), or a ready backend object that runs `model`.
+    Monte-Carlo samples run through the model `batch_size` at a time.
+    """
+
+    ABSTAIN = stats.ABSTAIN
+
+    def __init__(self, model: nn.Module | str | Path, num_classes: int, sigma: float, *, batch_size: int = 1000,
+                 device: str | torch.device = "cpu", backend=None, **backend_options):
+        sigma = _as_float("sigma", sigma)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise UserError(f"sigma must be a positive number, got {sigma!r}")
+        self.num_classes = _check_count("num_classes", num_classes)
+        if self.num_classes < 2:
+            raise UserError(f"num_classes must be >= 2, got {num_classes}")
+        self.batch_size = _check_count("batch size", batch_size)
+        self.sigma = sigma
+        if backend is None or isinstance(backend, str):
+            backend = make_backend(model, device, backend, **backend_options)
+        self.backend = backend
+        self.device = self.backend.device
+        info = self.backend.info
+        source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+        if info.sigma is not None and not math.isclose(info.sigma, self.sigma, rel_tol=1e-9):
+            raise UserError(f"{source}: the classifier was built for sigma {info.sigma:g}, not {self.sigma:g}")
+        if info.num_classes is not None and info.num_classes != self.num_classes:
+            raise UserError(f"{source}: the classifier has {info.num_classes} classes, not {self.num_classes}")
+        self.input_shape: tuple[int, ...] | None = None
+        if info.input_shape is not None:
+            self.check_input(tuple(info.input_shape), source)
+
+    def check_input(self, shape: tuple[int, ...], source: str = "model") -> None:
+        """One forward pass: the model must take images of `shape` (C, H, W) and give num_classes logits."""
+        probe = torch.full((2, *shape), 0.5 * self.backend.input_scale + self.backend.input_shift,
+                           device=self.device, dtype=self.backend.input_dtype)
+        try:
+            logits = self.backend.forward(probe)
+        except UserError:
+            raise
+        except Exception as e:  # whatever the runtime raises for inputs the model cannot take
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{source}: cannot run on inputs of shape {shape}: {first}") from None
+        if logits.dim() != 2 or logits.shape != (2, self.num_classes):
+            raise UserError(f"{source}: output of shape {tuple(logits.shape)[1:]} per image, expected ({self.num_classes},) "
+                            f"logits for num_classes={self.num_classes}")
+        self.input_shape = shape
+
+    def _images(self, xs) -> torch.Tensor:
+        """xs (k, C, H, W), or a sequence of (C, H, W) images, checked and on the device."""
+        if isinstance(xs, (torch.Tensor, np.ndarray)) and xs.ndim == 4:
+            batch = torch.as_tensor(xs)
+        else:
+            images = [torch.as_tensor(x) for x in xs]
+            if not images or any(x.ndim != 3 for x in images):
+                raise UserError(f"images must be (C, H, W) tensors, got shapes {[tuple(x.shape) for x in images]}")
+            if len({tuple(x.shape) for x in images}) > 1:
+                raise UserError("images of different shapes in one call")
+            batch = torch.stack(images)
+        shape = tuple(batch.shape[1:])
+        if self.input_shape is None:
+            self.check_input(shape)
+        if shape != self.input_shape:
+            raise UserError(f"image of shape {shape} does not fit the model's input {self.input_shape} (C, H, W)")
+        if batch.is_complex() or batch.dtype == torch.bool:
+            raise UserError(f"images must be real-valued, got {batch.dtype}")
+        batch = batch.float()  # checked where it is (usually the CPU): no device synchronization
+        if not torch.isfinite(batch).all():
+            raise UserError("image contains NaN or Inf values")
+        low, high = batch.min().item(), batch.max().item()
+        if low < 0.0 or high > 1.0:
+            raise UserError(f"image values must be in [0, 1] (pixel space), got min {low:g}, max {high:g}")
+        return batch.to(self.device)
+
+    def _generators(self, seeds: Sequence[int | None], stream: int) -> list[torch.Generator]:
+        gens = []
+        for seed in seeds:
+            g = torch.Generator(device=self.device)
+            if seed is None:
+                g.seed()
+            elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+                raise UserError(f"seed must be a non-negative integer or None, got {seed!r}")
+            else:
+                g.manual_seed(derive_seed(int(seed), stream))
+            gens.append(g)
+        return gens
+
+    def sample_counts(self, images: torch.Tensor, num_samples: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """(k, num_classes) int64 counts on the device: argmax of the model on num_samples[i] noisy copies
+        of images[i] (k, C, H, W), noise from generators[i].
+
+        Image i's noise is drawn in pieces of batch_size samples (the last one shorter) whatever else is in
+        the call, so a generator state and a sample count always give the same counts; pieces of several
+        images share one forward pass when they fit in a batch.
+        """
+        counts = torch.zeros((len(images), self.num_classes), dtype=torch.int64, device=self.device)
+        batch: list[tuple[int, int]] = []
+        filled = 0
+        for i, m in enumerate(num_samples):
+            for size in _split(m, self.batch_size):
+                if filled + size > self.batch_size:
+                    counts += self._count_batch(images, batch, generators)
+                    batch, filled = [], 0
+                batch.append((i, size))
+                filled += size
+        if batch:
+            counts += self._count_batch(images, batch, generators)
+        return counts
+
+    def _count_batch(self, images: torch.Tensor, pieces: list[tuple[int, int]], generators) -> torch.Tensor:
+        b = self.backend
+        parts, ids = [], []
+        for i, size in pieces:
+            repeats = torch.full((1,), size, dtype=torch.int64, device=self.device)
+            parts.append(noisy_inputs(images[i:i + 1], repeats, self.sigma, generators[i], b.input_scale, b.input_shift, b.input_dtype))
+            ids.append(torch.full((size,), i, dtype=torch.int64, device=self.device))
+        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return count_predictions(b.forward(batch), ids[0] if len(ids) == 1 else torch.cat(ids), len(images))
+
+    def certify_many(self, xs, n0: int, n: int, alpha: float, seeds: Sequence[int | None] | None = None) -> list[CertifyResult]:
+        """CERTIFY for each image of xs; seeds[i] (or fresh noise when None) makes image i's result exactly
+        reproducible, the same as `certify(xs[i], n0, n, alpha, seeds[i])`."""
+        n0, n, alpha = _check_count("n0", n0), _check_count("n", n), _check_alpha(alpha)
+        images = self._images(xs)
+        k = len(images)
+        seeds = [None] * k if seeds is None else list(seeds)
+        if len(seeds) != k:
+            raise UserError(f"{len(seeds)} seeds for {k} images")
+        generators = self._generators(seeds, SELECTION) + self._generators(seeds, ESTIMATION)
+        counts = self.sample_counts(images.repeat(2, 1, 1, 1), [n0] * k + [n] * k, generators).cpu().numpy()
+        results = []
+        for selection, estimation in zip(counts[:k], counts[k:]):
+            prediction, radius, p_lower = stats.certify_from_counts(selection, estimation, self.sigma, alpha)
+            results.append(CertifyResult(prediction, radius, p_lower, estimation))
+        return results
+
+    def predict_many(self, xs, n: int, alpha: float, seeds: Sequence[int | None] | None = None) -> list[int]:
+        """PREDICT for each image of xs (noise from the estimation stream of seeds[i])."""
+        n, alpha = _check_count("n", n), _check_alpha(alpha)
+        images = self._images(xs)
+        seeds = [None] * len(images) if seeds is None else list(seeds)
+        if len(seeds) != len(images):
+            raise UserError(f"{len(seeds)} seeds for {len(images)} images")
+        counts = self.sample_counts(images, [n] * len(images), self._generators(seeds, ESTIMATION)).cpu().numpy()
+        return [stats.predict_from_counts(c, alpha) for c in counts]
+
+    def certify(self, x, n0: int, n: int, alpha: float, seed: int | None = None) -> CertifyResult:
+        """CERTIFY(x): class from n0 selection samples, radius from n estimation samples at level alpha."""
+        return self.certify_many([x], n0, n, alpha, [seed])[0]
+
+    def predict(self, x, n: int, alpha: float, seed: int | None = None) -> int:
+        """PREDICT(x): the smoothed classifier's class, or ABSTAIN."""
+        return self.predict_many([x], n, alpha, [seed])[0]

@@ -1,0 +1,119 @@
+"""`rrcm certify` and `rrcm predict`: a model and a test set in, Cohen et al.'s TSV out."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import torch
+
+from rrcm.errors import UserError
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(spec: str, sigma: float | None, device: torch.device):
+    """(model, fingerprint): an .onnx path as is, or a checkpoint folder / bundled name through load_classifier."""
+    from rrcm.checkpoint import CONFIG, WEIGHTS
+    from rrcm.classifier import load_classifier, resolve_checkpoint
+
+    path = Path(spec)
+    if path.is_file() or path.suffix == ".onnx":
+        if not path.is_file():
+            raise UserError(f"{path}: no such ONNX file")
+        return str(path), _sha256([path])
+    model = load_classifier(spec, sigma, device=device)
+    folder = resolve_checkpoint(spec, sigma)
+    return model, _sha256([folder / WEIGHTS, folder / CONFIG])
+
+
+class _Command:
+    def __init__(self, mode: str, help: str):
+        self.mode, self.help = mode, help
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.epilog = (f"Sharded over K processes: torchrun --nproc-per-node K -m rrcm -- {self.mode} ... "
+                    "(the '--' stops torchrun from reading --n and --max as its own options).")
+        p.add_argument("--model", required=True,
+                       help="fine-tuned checkpoint folder, .onnx file (from 'rrcm export onnx') or bundled model name (fashion-mnist)")
+        p.add_argument("--sigma", type=float, default=None,
+                       help="noise std in pixel space (images in [0, 1]); default: the one the model records")
+        p.add_argument("--dataset", default=None,
+                       help="test set: fashion-mnist, cifar10 or imagenet (default: the one the model was trained on)")
+        p.add_argument("--data-dir", default=None, help="folder of the dataset (default: its standard location)")
+        if self.mode == "certify":
+            p.add_argument("--n0", type=int, default=100, help="selection samples per image (default 100)")
+        p.add_argument("--n", type=int, default=100_000, help="estimation samples per image (default 100000)")
+        p.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate (default 0.001)")
+        p.add_argument("--batch", type=int, default=1000,
+                       help="noisy samples per forward pass (default 1000); images share a batch when n is smaller")
+        p.add_argument("--skip", type=int, default=1, help="take every K-th test image: idx 0, K, 2K, ... (default 1)")
+        p.add_argument("--max", type=int, default=None, help="stop after M images (a count, not an index; default all)")
+        p.add_argument("--seed", type=int, default=0,
+                       help="noise seed; image idx draws from seed (seed, idx), so reruns and shards agree (default 0)")
+        p.add_argument("--backend", default=None,
+                       help="torch or onnxruntime (default: onnxruntime for .onnx, else torch; onnxruntime exports a checkpoint on the fly)")
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--compile", action="store_true", help="torch backend: run the model through torch.compile")
+        p.add_argument("--precision", default="fp32",
+                       help="torch backend: fp32 or bf16 (the certificate is then for the bf16 classifier; default fp32)")
+        p.add_argument("--out", required=True, help="TSV to write (idx label predict [radius] correct time); rerun to resume")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from rrcm.data import load_dataset
+        from rrcm.engine import runner
+        from rrcm.engine.backends import make_backend
+        from rrcm.engine.certifier import Certifier
+
+        job = runner.Job(self.mode, args.n, args.alpha, args.n0 if self.mode == "certify" else 100,
+                         args.skip, args.max, args.seed).check()
+        if args.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {args.precision!r}; choose from {', '.join(PRECISIONS)}")
+        options = {}
+        if args.compile or args.precision != "fp32":
+            if args.backend not in (None, "torch") or args.model.endswith(".onnx"):
+                raise UserError("--compile and --precision apply to the torch backend only")
+            options = {"compile": args.compile, "dtype": PRECISIONS[args.precision]}
+        rank, world, device = runner.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            model, fingerprint = load_model(args.model, args.sigma, device)
+            backend = make_backend(model, device, args.backend, **options)
+            info = backend.info
+            sigma = args.sigma if args.sigma is not None else info.sigma
+            if sigma is None:
+                raise UserError(f"{args.model} records no sigma: give --sigma")
+            dataset_name = args.dataset or info.dataset  # checkpoint config or ONNX metadata
+            if dataset_name is None:
+                raise UserError(f"{args.model} records no dataset: give --dataset")
+            dataset = load_dataset(dataset_name, "test", args.data_dir)
+            if info.num_classes is not None and info.num_classes != dataset.num_classes:
+                raise UserError(f"{args.model} has {info.num_classes} classes, {dataset_name} has {dataset.num_classes}")
+            certifier = Certifier(model, dataset.num_classes, sigma, batch_size=args.batch, backend=backend)
+            if certifier.input_shape is None:
+                certifier.check_input(dataset.input_shape, args.model)
+            if certifier.input_shape != tuple(dataset.input_shape):
+                raise UserError(f"{args.model} takes inputs of shape {certifier.input_shape}, "
+                                f"{dataset_name} images are {tuple(dataset.input_shape)}")
+            params = {"model": args.model, "model_sha256": fingerprint, "sigma": sigma, "dataset": dataset_name,
+                      "data_dir": args.data_dir, "batch": args.batch, "backend": backend.name, "device": str(device),
+                      "precision": args.precision, "compile": args.compile}
+            out = runner.run(certifier, dataset, args.out, job, params, rank=rank, world=world)
+            if rank == 0:
+                print(f"{out}: {job.mode} of {len(job.indices(len(dataset)))} {dataset_name} test images at sigma {sigma:g} done")
+        finally:
+            if world > 1:
+                torch.distributed.destroy_process_group()
+        return 0
+
+
+CERTIFY = _Command("certify", "certify test images (Cohen et al.'s CERTIFY), one TSV row each")
+PREDICT = _Command("predict", "smoothed predictions with abstention (Cohen et al.'s PREDICT), one TSV row each")

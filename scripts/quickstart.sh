@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install rrcm into .venv (CPU torch), then train and certify a small rRCM on Fashion-MNIST end to end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/quickstart}
+
+if [ ! -x .venv/bin/rrcm ]; then
+    python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q torch==2.13.0          # pinned first: never the CUDA build
+    .venv/bin/python -m pip install -q -e ".[onnx,gpu,test]"
+fi
+[ -d /usr/share/datasets/fashion-mnist ] || { echo "Fashion-MNIST missing: apt-get install dataset-fashion-mnist" >&2; exit 2; }
+rrcm=.venv/bin/rrcm
+
+$rrcm pretrain --preset tiny --steps 300 --batch-size 128 --out "$RUN/pretrain"
+$rrcm finetune --init "$RUN/pretrain" --sigma 0.25 --steps 300 --batch-size 128 --out "$RUN/sigma-0.25"
+$rrcm certify --model "$RUN/sigma-0.25" --n0 100 --n 2000 --alpha 0.001 --skip 100 --max 50 --out "$RUN/certify-0.25.tsv"
+$rrcm analyze "$RUN/certify-0.25.tsv" --radii 0 0.1 0.25 0.5

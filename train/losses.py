@@ -1,0 +1,57 @@
+"""The training objectives (method.md sections 4 and 5), as per-sample losses where that matters."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+TEMPERATURE = 0.2
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float = TEMPERATURE, key_offset: int = 0) -> torch.Tensor:
+    """Per-sample InfoNCE (B,) of queries (B, D) against keys (K, D), K >= key_offset + B.
+
+    Both sides are L2-normalized; query j's positive is key `key_offset + j` (its own image when the
+    keys are the batches of all processes concatenated), every other key is a negative. Computed in
+    float32, also under autocast.
+    """
+    with torch.autocast(queries.device.type, enabled=False):
+        q = F.normalize(queries.float(), dim=1)
+        k = F.normalize(keys.float(), dim=1)
+        logits = q @ k.T / temperature
+        positives = torch.arange(len(q), device=q.device) + key_offset
+        return F.cross_entropy(logits, positives, reduction="none")
+
+
+def symmetric_info_nce(q_a: torch.Tensor, q_b: torch.Tensor, k_a: torch.Tensor, k_b: torch.Tensor,
+                       temperature: float = TEMPERATURE, key_offset: int = 0) -> torch.Tensor:
+    """Per-sample contrastive term: view a's queries against view b's keys and the swap, averaged.
+
+    The average (not the sum) keeps this term on the scale of one InfoNCE, the balance the rRCM
+    loss `contrastive + consistency` has with a one-directional contrastive term.
+    """
+    return 0.5 * (info_nce(q_a, k_b, temperature, key_offset) + info_nce(q_b, k_a, temperature, key_offset))
+
+
+def consistency_finetune_loss(logits_per_copy: list[torch.Tensor], labels: torch.Tensor, lam: float,
+                              eta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy + consistency regularization (Jeong & Shin, 2020) over m noisy copies.
+
+    loss = mean_j CE(logits_j, y) + lam * mean_j KL(p_avg || p_j) + eta * H(p_avg), p_avg the mean
+    of the copies' softmax, everything averaged over the batch. KL is taken from the average to
+    each copy, as in Jeong & Shin and the rRCM code; with eta = lam the last two terms are the
+    cross-entropy of each copy against p_avg. Returns (loss, {"ce", "kl", "entropy"}) with the
+    parts unweighted and detached.
+    """
+    if len(logits_per_copy) < 2:
+        raise ValueError("consistency regularization needs at least 2 noisy copies")
+    log_probs = torch.stack([F.log_softmax(z.float(), dim=1) for z in logits_per_copy])  # (m, B, K)
+    ce = F.nll_loss(log_probs.flatten(0, 1), labels.repeat(len(log_probs)))
+    # In log space throughout, so a softmax that underflows to 0 gives no 0 * log 0 = NaN gradient.
+    log_avg = torch.logsumexp(log_probs, 0) - math.log(len(log_probs))
+    p_avg = log_avg.exp()
+    kl = (p_avg * (log_avg - log_probs)).sum(2).mean()
+    ent = -(p_avg * log_avg).sum(1).mean()
+    loss = ce + lam * kl + eta * ent
+    return loss, {"ce": ce.detach(), "kl": kl.detach(), "entropy": ent.detach()}

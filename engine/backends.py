@@ -8,6 +8,7 @@ sampler applies while it adds noise), `input_dtype`, and `info` (what the model 
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,13 +157,26 @@ class OnnxRuntimeBackend:
         return torch.cat(chunks).float()
 
 
-BACKENDS = {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend}
+BACKENDS = {
+    "torch": TorchBackend,
+    "onnxruntime": OnnxRuntimeBackend,
+    "aoti": "rrcm.export.aoti:AotiBackend",  # imported on use: they build on this module
+    "tensorrt": "rrcm.export.tensorrt:TensorRTBackend",
+}
+SUFFIXES = {".onnx": "onnxruntime", ".pt2": "aoti", ".plan": "tensorrt"}
 
 
 def make_backend(model, device: str | torch.device = "cpu", name: str | None = None, **options):
-    """The backend `name` (default: onnxruntime for a path or bytes, torch for a module) for `model`."""
+    """The backend `name` for `model` (default: by file suffix for a path, onnxruntime for bytes, torch for a module)."""
     if name is None:
-        name = "onnxruntime" if isinstance(model, (str, Path, bytes)) else "torch"
+        if isinstance(model, (str, Path)):
+            name = SUFFIXES.get(Path(model).suffix, "onnxruntime")
+        else:
+            name = "onnxruntime" if isinstance(model, bytes) else "torch"
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    return BACKENDS[name](model, device, **options)
+    backend = BACKENDS[name]
+    if isinstance(backend, str):
+        module, attr = backend.split(":")
+        backend = getattr(importlib.import_module(module), attr)
+    return backend(model, device, **options)

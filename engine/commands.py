@@ -22,14 +22,14 @@ def _sha256(paths: list[Path]) -> str:
 
 
 def load_model(spec: str, sigma: float | None, device: torch.device):
-    """(model, fingerprint): an .onnx path as is, or a checkpoint folder / bundled name through load_classifier."""
+    """(model, fingerprint): an exported file (.onnx, .pt2, .plan) as is, or a checkpoint folder / bundled name through load_classifier."""
     from rrcm.checkpoint import CONFIG, WEIGHTS
     from rrcm.classifier import load_classifier, resolve_checkpoint
 
     path = Path(spec)
     if path.is_file() or path.suffix == ".onnx":
         if not path.is_file():
-            raise UserError(f"{path}: no such ONNX file")
+            raise UserError(f"{path}: no such file")
         return str(path), _sha256([path])
     model = load_classifier(spec, sigma, device=device)
     folder = resolve_checkpoint(spec, sigma)
@@ -44,7 +44,8 @@ class _Command:
         p.epilog = (f"Sharded over K processes: torchrun --nproc-per-node K -m rrcm -- {self.mode} ... "
                     "(the '--' stops torchrun from reading --n and --max as its own options).")
         p.add_argument("--model", required=True,
-                       help="fine-tuned checkpoint folder, .onnx file (from 'rrcm export onnx') or bundled model name (fashion-mnist)")
+                       help="fine-tuned checkpoint folder, bundled model name (fashion-mnist), or an exported file: "
+                            ".onnx, .pt2 (AOTInductor) or .plan (TensorRT) from 'rrcm export'")
         p.add_argument("--sigma", type=float, default=None,
                        help="noise std in pixel space (images in [0, 1]); default: the one the model records")
         p.add_argument("--dataset", default=None,
@@ -61,7 +62,8 @@ class _Command:
         p.add_argument("--seed", type=int, default=0,
                        help="noise seed; image idx draws from seed (seed, idx), so reruns and shards agree (default 0)")
         p.add_argument("--backend", default=None,
-                       help="torch or onnxruntime (default: onnxruntime for .onnx, else torch; onnxruntime exports a checkpoint on the fly)")
+                       help="torch, onnxruntime, aoti or tensorrt (default: by the file's suffix, torch for a checkpoint; "
+                            "onnxruntime exports a checkpoint on the fly)")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--compile", action="store_true", help="torch backend: run the model through torch.compile")
         p.add_argument("--precision", default="fp32",
@@ -80,7 +82,7 @@ class _Command:
             raise UserError(f"unknown precision {args.precision!r}; choose from {', '.join(PRECISIONS)}")
         options = {}
         if args.compile or args.precision != "fp32":
-            if args.backend not in (None, "torch") or args.model.endswith(".onnx"):
+            if args.backend not in (None, "torch") or Path(args.model).suffix in (".onnx", ".pt2", ".plan"):
                 raise UserError("--compile and --precision apply to the torch backend only")
             options = {"compile": args.compile, "dtype": PRECISIONS[args.precision]}
         rank, world, device = runner.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -11,6 +11,7 @@ import importlib
 EXPORTERS: dict[str, str] = {
     "onnx": "rrcm.export.onnx:ONNX_COMMAND",
     "aoti": "rrcm.export.aoti:AOTI_COMMAND",
+    "tensorrt": "rrcm.export.tensorrt:TENSORRT_COMMAND",
 }
 
 

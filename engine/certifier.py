@@ -7,6 +7,10 @@ of a whole call come to the host once.
 
 Seeds: image seed s gives the selection stream (s, 0) and the estimation stream (s, 1), two independent
 torch.Generators; without a seed each stream is seeded afresh from the OS.
+
+Sound mode (`sound=True`) draws grid-rounded noise through `rrcm.kernels.sound` for images on the 1/255 grid;
+its sampled law is within TV_PER_PIXEL * num_pixels of exact Gaussian smoothing of the quantized classifier,
+so every lower bound on a class probability is lowered by that much.
 """
 from __future__ import annotations
 
@@ -17,12 +21,16 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.special import ndtr, ndtri
 from torch import nn
 
-from rrcm.engine import stats
+from rrcm.engine import sequential, stats
+from rrcm.engine.adaptive import certify_adaptive as adaptive_certify
 from rrcm.engine.backends import make_backend
+from rrcm.engine.sequential import RadiusDecision
 from rrcm.errors import UserError
 from rrcm.kernels import count_predictions, noisy_inputs
+from rrcm.kernels.sound import TV_PER_PIXEL, sound_noisy_inputs, to_grid
 
 SELECTION, ESTIMATION = 0, 1
 
@@ -38,6 +46,7 @@ class CertifyResult:
     radius: float  # L2 radius in pixel space; 0.0 when abstaining
     p_lower: float  # Clopper-Pearson lower bound on the probability of the selected class
     counts: np.ndarray  # (num_classes,) int64 class counts of the n estimation samples
+    samples: int | None = None  # noisy forward passes spent: n0 selection + estimation samples
 
 
 def _check_count(name: str, value: int) -> int:
@@ -71,13 +80,14 @@ class Certifier:
     `rrcm.load_classifier(...)`; or a path to an .onnx file. backend: a name in `backends.BACKENDS`
     (default: onnxruntime for a path, torch for a module) made with `backend_options` (torch: compile=True,
     dtype=torch.bfloat16; onnxruntime: threads=N), or a ready backend object that runs `model`.
-    Monte-Carlo samples run through the model `batch_size` at a time.
+    Monte-Carlo samples run through the model `batch_size` at a time. sound=True: grid-rounded noise for
+    images on the 1/255 grid (Voracek & Hein, 2023), other images are refused.
     """
 
     ABSTAIN = stats.ABSTAIN
 
     def __init__(self, model: nn.Module | str | Path, num_classes: int, sigma: float, *, batch_size: int = 1000,
-                 device: str | torch.device = "cpu", backend=None, **backend_options):
+                 device: str | torch.device = "cpu", backend=None, sound: bool = False, **backend_options):
         sigma = _as_float("sigma", sigma)
         if not (math.isfinite(sigma) and sigma > 0):
             raise UserError(f"sigma must be a positive number, got {sigma!r}")
@@ -86,6 +96,7 @@ class Certifier:
             raise UserError(f"num_classes must be >= 2, got {num_classes}")
         self.batch_size = _check_count("batch size", batch_size)
         self.sigma = sigma
+        self.sound = bool(sound)
         if backend is None or isinstance(backend, str):
             backend = make_backend(model, device, backend, **backend_options)
         self.backend = backend
@@ -140,6 +151,8 @@ class Certifier:
         low, high = batch.min().item(), batch.max().item()
         if low < 0.0 or high > 1.0:
             raise UserError(f"image values must be in [0, 1] (pixel space), got min {low:g}, max {high:g}")
+        if self.sound:
+            batch = to_grid(batch)  # uint8 grid values, checked once here rather than per noise batch
         return batch.to(self.device)
 
     def _generators(self, seeds: Sequence[int | None], stream: int) -> list[torch.Generator]:
@@ -180,12 +193,23 @@ class Certifier:
     def _count_batch(self, images: torch.Tensor, pieces: list[tuple[int, int]], generators) -> torch.Tensor:
         b = self.backend
         parts, ids = [], []
+        noisy = sound_noisy_inputs if self.sound else noisy_inputs
         for i, size in pieces:
             repeats = torch.full((1,), size, dtype=torch.int64, device=self.device)
-            parts.append(noisy_inputs(images[i:i + 1], repeats, self.sigma, generators[i], b.input_scale, b.input_shift, b.input_dtype))
+            parts.append(noisy(images[i:i + 1], repeats, self.sigma, generators[i], b.input_scale, b.input_shift, b.input_dtype))
             ids.append(torch.full((size,), i, dtype=torch.int64, device=self.device))
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
         return count_predictions(b.forward(batch), ids[0] if len(ids) == 1 else torch.cat(ids), len(images))
+
+    def _slack(self) -> float:
+        """How far below the sampled class probability the smoothed one may lie: TV distance of sound noise."""
+        return TV_PER_PIXEL * math.prod(self.input_shape) if self.sound else 0.0
+
+    def _certificate(self, prediction: int, p_lower: float, counts: np.ndarray, samples: int) -> CertifyResult:
+        p_lower -= self._slack()
+        if prediction == self.ABSTAIN or p_lower < 0.5:
+            return CertifyResult(self.ABSTAIN, 0.0, p_lower, counts, samples)
+        return CertifyResult(prediction, float(stats.certified_radius(p_lower, self.sigma)), p_lower, counts, samples)
 
     def certify_many(self, xs, n0: int, n: int, alpha: float, seeds: Sequence[int | None] | None = None) -> list[CertifyResult]:
         """CERTIFY for each image of xs; seeds[i] (or fresh noise when None) makes image i's result exactly
@@ -200,8 +224,8 @@ class Certifier:
         counts = self.sample_counts(images.repeat(2, 1, 1, 1), [n0] * k + [n] * k, generators).cpu().numpy()
         results = []
         for selection, estimation in zip(counts[:k], counts[k:]):
-            prediction, radius, p_lower = stats.certify_from_counts(selection, estimation, self.sigma, alpha)
-            results.append(CertifyResult(prediction, radius, p_lower, estimation))
+            prediction, _, p_lower = stats.certify_from_counts(selection, estimation, self.sigma, alpha)
+            results.append(self._certificate(prediction, p_lower, estimation, n0 + n))
         return results
 
     def predict_many(self, xs, n: int, alpha: float, seeds: Sequence[int | None] | None = None) -> list[int]:
@@ -214,9 +238,53 @@ class Certifier:
         counts = self.sample_counts(images, [n] * len(images), self._generators(seeds, ESTIMATION)).cpu().numpy()
         return [stats.predict_from_counts(c, alpha) for c in counts]
 
-    def certify(self, x, n0: int, n: int, alpha: float, seed: int | None = None) -> CertifyResult:
-        """CERTIFY(x): class from n0 selection samples, radius from n estimation samples at level alpha."""
-        return self.certify_many([x], n0, n, alpha, [seed])[0]
+    def _samplers(self, x, seed: int | None):
+        """(select, estimate) draw(m) -> (num_classes,) counts for image x from the two streams of `seed`."""
+        image = self._images([x])
+        streams = self._generators([seed], SELECTION) + self._generators([seed], ESTIMATION)
+        return [lambda m, g=g: self.sample_counts(image, [m], [g])[0] for g in streams]
+
+    def certify(self, x, n0: int, n: int, alpha: float, seed: int | None = None, *, adaptive: bool = False,
+                max_samples: int | None = None, tolerance: float = 0.01) -> CertifyResult:
+        """CERTIFY(x): class from n0 selection samples, radius from n estimation samples at level alpha.
+
+        adaptive=True: up to max_samples (default n) estimation samples read at doubling checkpoints, stopping
+        once more would not raise the radius by over `tolerance` (`rrcm.engine.adaptive`); `samples` and
+        `counts` then tell what was spent.
+        """
+        if not adaptive:
+            return self.certify_many([x], n0, n, alpha, [seed])[0]
+        n0, alpha = _check_count("n0", n0), _check_alpha(alpha)
+        budget = _check_count("max_samples", n if max_samples is None else max_samples)
+        tolerance = _as_float("tolerance", tolerance)
+        if not (math.isfinite(tolerance) and tolerance > 0):
+            raise UserError(f"tolerance must be a positive number, got {tolerance!r}")
+        select, estimate = self._samplers(x, seed)
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+
+        def counted(m: int) -> torch.Tensor:
+            drawn = estimate(m)
+            counts[:] += drawn.cpu().numpy()
+            return drawn
+
+        result = adaptive_certify(select, counted, self.num_classes, self.sigma, alpha, n0=n0, max_samples=budget,
+                                  tolerance=tolerance)
+        return self._certificate(result.prediction, result.p_lower, counts, result.samples)
+
+    def certify_radius(self, x, r: float, alpha: float, *, beta: float | None = 1e-3, n0: int = 100,
+                       max_samples: int = 100_000, seed: int | None = None) -> RadiusDecision:
+        """Is the smoothed prediction for x robust at L2 radius r? An anytime-valid sequential test
+        (`rrcm.engine.sequential`) that stops as soon as the samples settle it: P(false certificate) <= alpha."""
+        r, alpha = _as_float("radius", r), _check_alpha(alpha)
+        n0, max_samples = _check_count("n0", n0), _check_count("max_samples", max_samples)
+        if not (math.isfinite(r) and r >= 0):
+            raise UserError(f"radius must be a number >= 0, got {r!r}")
+        select, estimate = self._samplers(x, seed)
+        if self.sound:  # test the sampled probability against p0 + slack, so the exact one exceeds p0
+            p0 = min(float(ndtr(r / self.sigma)) + self._slack(), float(np.nextafter(1.0, 0.0)))
+            r = float(self.sigma * ndtri(p0))
+        return sequential.certify_radius(select, estimate, self.num_classes, self.sigma, r, alpha, beta=beta, n0=n0,
+                                         max_samples=max_samples, batch_size=self.batch_size)
 
     def predict(self, x, n: int, alpha: float, seed: int | None = None) -> int:
         """PREDICT(x): the smoothed classifier's class, or ABSTAIN."""

@@ -53,7 +53,16 @@ class _Command:
         p.add_argument("--data-dir", default=None, help="folder of the dataset (default: its standard location)")
         if self.mode == "certify":
             p.add_argument("--n0", type=int, default=100, help="selection samples per image (default 100)")
-        p.add_argument("--n", type=int, default=100_000, help="estimation samples per image (default 100000)")
+            p.add_argument("--radius", type=float, default=None,
+                           help="decide robustness at this L2 radius r with as few samples as possible (anytime-valid "
+                                "sequential test, --n the budget); TSV: idx label predict certified samples time")
+            p.add_argument("--adaptive", action="store_true",
+                           help="the largest radius within a budget of --n samples, stopping early at doubling "
+                                "checkpoints; TSV gets a samples column after correct")
+            p.add_argument("--tolerance", type=float, default=None,
+                           help="--adaptive: stop once more samples would raise the radius by at most this (default 0.01)")
+        p.add_argument("--n", type=int, default=100_000,
+                       help="estimation samples per image (default 100000; the budget with --radius or --adaptive)")
         p.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate (default 0.001)")
         p.add_argument("--batch", type=int, default=1000,
                        help="noisy samples per forward pass (default 1000); images share a batch when n is smaller")
@@ -66,9 +75,13 @@ class _Command:
                             "onnxruntime exports a checkpoint on the fly)")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--compile", action="store_true", help="torch backend: run the model through torch.compile")
+        p.add_argument("--sound", action="store_true",
+                       help="sound sampling: noise rounded to the 1/255 grid of 8-bit images (Voracek & Hein, 2023), "
+                            "no floating-point holes in the certificate; off-grid images are refused")
         p.add_argument("--precision", default="fp32",
                        help="torch backend: fp32 or bf16 (the certificate is then for the bf16 classifier; default fp32)")
-        p.add_argument("--out", required=True, help="TSV to write (idx label predict [radius] correct time); rerun to resume")
+        p.add_argument("--out", required=True,
+                       help="TSV to write (idx label predict [radius] correct time, or as the modes above say); rerun to resume")
 
     def run(self, args: argparse.Namespace) -> int:
         from rrcm.data import load_dataset
@@ -76,8 +89,14 @@ class _Command:
         from rrcm.engine.backends import make_backend
         from rrcm.engine.certifier import Certifier
 
-        job = runner.Job(self.mode, args.n, args.alpha, args.n0 if self.mode == "certify" else 100,
-                         args.skip, args.max, args.seed).check()
+        certify = self.mode == "certify"
+        if certify and args.tolerance is not None and not args.adaptive:
+            raise UserError("--tolerance applies to --adaptive only")
+        variants = {"radius": args.radius, "adaptive": args.adaptive} if certify else {}
+        if certify and args.tolerance is not None:
+            variants["tolerance"] = args.tolerance
+        job = runner.Job(self.mode, args.n, args.alpha, args.n0 if certify else 100,
+                         args.skip, args.max, args.seed, **variants).check()
         if args.precision not in PRECISIONS:
             raise UserError(f"unknown precision {args.precision!r}; choose from {', '.join(PRECISIONS)}")
         options = {}
@@ -99,7 +118,7 @@ class _Command:
             dataset = load_dataset(dataset_name, "test", args.data_dir)
             if info.num_classes is not None and info.num_classes != dataset.num_classes:
                 raise UserError(f"{args.model} has {info.num_classes} classes, {dataset_name} has {dataset.num_classes}")
-            certifier = Certifier(model, dataset.num_classes, sigma, batch_size=args.batch, backend=backend)
+            certifier = Certifier(model, dataset.num_classes, sigma, batch_size=args.batch, backend=backend, sound=args.sound)
             if certifier.input_shape is None:
                 certifier.check_input(dataset.input_shape, args.model)
             if certifier.input_shape != tuple(dataset.input_shape):
@@ -108,6 +127,8 @@ class _Command:
             params = {"model": args.model, "model_sha256": fingerprint, "sigma": sigma, "dataset": dataset_name,
                       "data_dir": args.data_dir, "batch": args.batch, "backend": backend.name, "device": str(device),
                       "precision": args.precision, "compile": args.compile}
+            if args.sound:  # recorded only when set, so that older sidecars still resume
+                params["sound"] = True
             out = runner.run(certifier, dataset, args.out, job, params, rank=rank, world=world)
             if rank == 0:
                 print(f"{out}: {job.mode} of {len(job.indices(len(dataset)))} {dataset_name} test images at sigma {sigma:g} done")

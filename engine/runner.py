@@ -28,7 +28,10 @@ from rrcm.errors import UserError
 HEADERS = {
     "certify": "idx\tlabel\tpredict\tradius\tcorrect\ttime",
     "predict": "idx\tlabel\tpredict\tcorrect\ttime",
+    "adaptive": "idx\tlabel\tpredict\tradius\tcorrect\tsamples\ttime",  # certify --adaptive
+    "radius": "idx\tlabel\tpredict\tcertified\tsamples\ttime",  # certify --radius
 }
+MODES = ("certify", "predict")
 # Sidecar keys that may change between a run and its resumption: they do not change what a row means.
 RESUMABLE_CHANGES = ("model", "max", "batch", "backend", "device", "data_dir", "precision", "compile")
 
@@ -36,7 +39,11 @@ RESUMABLE_CHANGES = ("model", "max", "batch", "backend", "device", "data_dir", "
 @dataclass(frozen=True)
 class Job:
     """One dataset pass: `mode` "certify" (n0, n, alpha) or "predict" (n, alpha), over idx 0, skip, 2 skip, ...
-    (at most max_images of them), image idx seeded by derive_seed(seed, idx)."""
+    (at most max_images of them), image idx seeded by derive_seed(seed, idx).
+
+    certify variants, with n the estimation budget: `radius` r (a decision at r, `Certifier.certify_radius`),
+    or `adaptive` (the largest radius, stopping within `tolerance` of it).
+    """
 
     mode: str
     n: int
@@ -45,10 +52,28 @@ class Job:
     skip: int = 1
     max_images: int | None = None
     seed: int = 0
+    radius: float | None = None
+    adaptive: bool = False
+    tolerance: float = 0.01
+
+    @property
+    def layout(self) -> str:
+        """The key of the TSV's columns in HEADERS."""
+        if self.mode == "certify" and self.radius is not None:
+            return "radius"
+        return "adaptive" if self.mode == "certify" and self.adaptive else self.mode
 
     def check(self) -> "Job":
-        if self.mode not in HEADERS:
+        if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r}")
+        if (self.radius is not None or self.adaptive) and self.mode != "certify":
+            raise UserError("--radius and --adaptive apply to certify only")
+        if self.radius is not None and self.adaptive:
+            raise UserError("--radius and --adaptive exclude each other: a decision at r, or the largest radius")
+        if self.radius is not None and not (math.isfinite(self.radius) and self.radius >= 0):
+            raise UserError(f"--radius must be >= 0, got {self.radius}")
+        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
+            raise UserError(f"--tolerance must be > 0, got {self.tolerance}")
         for name in ("n0", "n", "skip", "seed"):
             value = getattr(self, name)
             if value < (0 if name == "seed" else 1):
@@ -79,12 +104,17 @@ def init_distributed(device: str | torch.device) -> tuple[int, int, torch.device
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _format_row(mode: str, idx: int, label: int, prediction: int, radius: float, seconds: float) -> str:
+def _format_row(mode: str, idx: int, label: int, prediction: int, radius: float, seconds: float,
+                samples: int = 0, certified: bool = False) -> str:
+    """One row of layout `mode` (a HEADERS key); `samples` for adaptive and radius rows, `certified` for radius ones."""
     elapsed = str(datetime.timedelta(seconds=seconds))
     correct = int(prediction == label)
     if mode == "predict":
         return f"{idx}\t{label}\t{prediction}\t{correct}\t{elapsed}"
-    return f"{idx}\t{label}\t{prediction}\t{math.floor(radius * 1e4) / 1e4:.4f}\t{correct}\t{elapsed}"
+    if mode == "radius":
+        return f"{idx}\t{label}\t{prediction}\t{int(certified)}\t{samples}\t{elapsed}"
+    row = f"{idx}\t{label}\t{prediction}\t{math.floor(radius * 1e4) / 1e4:.4f}\t{correct}"
+    return f"{row}\t{samples}\t{elapsed}" if mode == "adaptive" else f"{row}\t{elapsed}"
 
 
 def _read_rows(path: Path, mode: str, has_header: bool) -> dict[int, str]:
@@ -179,11 +209,19 @@ def run(certifier: Certifier, dataset, out: str | Path, job: Job, params: dict[s
     out = Path(out)
     params = {"command": job.mode, "n0": job.n0 if job.mode == "certify" else None, "n": job.n, "alpha": job.alpha,
               "skip": job.skip, "max": job.max_images, "seed": job.seed, **params}
-    done = _on_rank_zero(world, rank, lambda: _prepare(out, job.mode, params))
+    # Recorded only when used, so that sidecars from before these modes still resume.
+    if job.radius is not None:
+        params["radius"] = job.radius
+    if job.adaptive:
+        params.update(adaptive=True, tolerance=job.tolerance)
+    layout = job.layout
+    done = _on_rank_zero(world, rank, lambda: _prepare(out, layout, params))
     pending = [i for i in job.indices(len(dataset)) if i not in done]
     mine = pending[rank::world]
     per_image = job.n + (job.n0 if job.mode == "certify" else 0)
-    group = max(1, certifier.batch_size // per_image)  # images whose samples fit in one batch go together
+    # Images whose samples fit in one batch go together; sequential modes take one image at a time.
+    group = max(1, certifier.batch_size // per_image) if layout in MODES else 1
+    spent = 0
     target = out if world == 1 else out.with_name(f"{out.name}.part{rank}")
     bar = tqdm(total=len(mine), unit="img", desc=f"{job.mode}" + (f" (rank 0 of {world})" if world > 1 else ""),
                disable=not progress or rank != 0, dynamic_ncols=True)
@@ -194,20 +232,27 @@ def run(certifier: Certifier, dataset, out: str | Path, job: Job, params: dict[s
             images, labels = dataset.batch(torch.tensor(idx))
             seeds = [derive_seed(job.seed, i) for i in idx]
             t0 = time.perf_counter()
-            if job.mode == "certify":
+            if layout == "radius":
+                d = certifier.certify_radius(images[0], job.radius, job.alpha, n0=job.n0, max_samples=job.n, seed=seeds[0])
+                outcomes = [(d.prediction, 0.0, d.samples, d.certified)]
+            elif layout == "adaptive":
+                r = certifier.certify(images[0], job.n0, job.n, job.alpha, seeds[0], adaptive=True, tolerance=job.tolerance)
+                outcomes = [(r.prediction, r.radius, r.samples, False)]
+            elif job.mode == "certify":
                 results = certifier.certify_many(images, job.n0, job.n, job.alpha, seeds)
-                outcomes = [(r.prediction, r.radius) for r in results]
+                outcomes = [(r.prediction, r.radius, per_image, False) for r in results]
             else:
-                outcomes = [(p, 0.0) for p in certifier.predict_many(images, job.n, job.alpha, seeds)]
+                outcomes = [(p, 0.0, per_image, False) for p in certifier.predict_many(images, job.n, job.alpha, seeds)]
             seconds = (time.perf_counter() - t0) / len(idx)
-            for i, label, (prediction, radius) in zip(idx, labels.tolist(), outcomes):
-                f.write(_format_row(job.mode, i, label, prediction, radius, seconds) + "\n")
+            for i, label, (prediction, radius, samples, certified) in zip(idx, labels.tolist(), outcomes):
+                f.write(_format_row(layout, i, label, prediction, radius, seconds, samples, certified) + "\n")
                 f.flush()
+                spent += samples
             bar.update(len(idx))
-            bar.set_postfix(samples_per_s=f"{bar.n * per_image / (time.perf_counter() - start):,.0f}")
+            bar.set_postfix(samples_per_s=f"{spent / (time.perf_counter() - start):,.0f}")
     bar.close()
     if world > 1:
         dist.barrier()
     if rank == 0:
-        _merge(out, job.mode)
+        _merge(out, layout)
     return out

@@ -1,0 +1,248 @@
+"""Certifier modes of issue 7: decision at a radius, adaptive budget, sound sampling; and their CLI / TSV."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+from torch import nn
+
+from deploy_helpers import SIGMA, fashion_test_images, tiny_checkpoint
+from halfspace import HalfSpace
+from rrcm import load_classifier
+from rrcm.cli import main
+from rrcm.engine import Certifier
+from rrcm.engine import stats
+from rrcm.engine.certifier import derive_seed
+from rrcm.errors import UserError
+from rrcm.kernels.sound import TV_PER_PIXEL
+
+SHAPE = (1, 16, 16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Other jobs share these 2 cores: a second intra-op thread mostly waits at barriers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def point_at_distance(model: HalfSpace, d: float) -> torch.Tensor:
+    """An image in [0, 1] at signed distance d from the boundary: class 1 with true radius d when d > 0."""
+    c = torch.full(SHAPE, 0.5).flatten()
+    x = c + (d - (c @ model.w + model.b)) * model.w
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    return x.view(SHAPE)
+
+
+def grid_image(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, SHAPE, generator=torch.Generator().manual_seed(seed)).float() / 255
+
+
+# --- decision at a radius ---------------------------------------------------------------------------------------
+
+def test_certify_radius_decides_by_the_true_radius():
+    sigma = 0.5
+    model = HalfSpace(SHAPE, seed=3)
+    certifier = Certifier(model, 2, sigma, batch_size=1000)
+    far = certifier.certify_radius(point_at_distance(model, 1.0), 0.25, 0.001, max_samples=20_000, seed=1)
+    assert far.prediction == 1 and far.certified
+    assert far.samples < 1000  # p = Phi(2) against p0 = Phi(0.5): settled within the first batches
+    near = certifier.certify_radius(point_at_distance(model, 0.1), 0.5, 0.001, max_samples=20_000, seed=1)
+    assert near.prediction == 1 and not near.certified
+    assert near.samples < 20_100  # stopped as not certified (or at the budget), never beyond it
+
+
+def test_certify_radius_seeds_reproduce():
+    model = HalfSpace(SHAPE, seed=3)
+    certifier = Certifier(model, 2, 0.5, batch_size=500)
+    x = point_at_distance(model, 0.45)
+    runs = [certifier.certify_radius(x, 0.4, 0.01, max_samples=5000, seed=s) for s in (4, 4, 5)]
+    assert runs[0] == runs[1]
+    # Same decisions as the sequential module fed with the seed's two streams.
+    counts = certifier.sample_counts(x[None], [100], certifier._generators([4], 0))[0]
+    assert runs[0].prediction == int(counts.argmax())
+
+
+def test_certify_radius_false_certificates_at_most_alpha():
+    """True radius equal to r (p = p0): Ville's inequality bounds false certificates by alpha."""
+    sigma, r, alpha, trials = 0.5, 0.3, 0.05, 300
+    model = HalfSpace(SHAPE, seed=2)
+    certifier = Certifier(model, 2, sigma, batch_size=1000)
+    x = point_at_distance(model, r)
+    false = sum(certifier.certify_radius(x, r, alpha, n0=11, max_samples=2000, seed=s).certified for s in range(trials))
+    assert false / trials <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+
+
+def test_certify_radius_refuses_bad_values():
+    model = HalfSpace(SHAPE, seed=3)
+    certifier = Certifier(model, 2, 0.5)
+    x = point_at_distance(model, 0.5)
+    for kwargs in ({"r": -0.1}, {"r": float("nan")}, {"r": 0.2, "alpha": 0.0}, {"r": 0.2, "max_samples": 0}):
+        with pytest.raises(UserError):
+            certifier.certify_radius(x, **{"alpha": 0.01, **kwargs})
+
+
+# --- adaptive maximum radius --------------------------------------------------------------------------------------
+
+def test_adaptive_spends_at_most_the_budget_and_is_sound():
+    sigma, d, budget = 0.5, 1.0, 20_000
+    model = HalfSpace(SHAPE, seed=3)
+    certifier = Certifier(model, 2, sigma, batch_size=2000)
+    x = point_at_distance(model, d)
+    result = certifier.certify(x, 100, budget, 0.001, seed=2, adaptive=True, tolerance=0.05)
+    assert result.prediction == 1 and 0.5 * d < result.radius <= d
+    assert result.samples < 100 + budget  # an easy case stops early
+    assert result.counts.sum() == result.samples - 100
+    again = certifier.certify(x, 100, budget, 0.001, seed=2, adaptive=True, tolerance=0.05)
+    assert (again.prediction, again.radius, again.samples) == (result.prediction, result.radius, result.samples)
+    assert np.array_equal(again.counts, result.counts)
+    small = certifier.certify(x, 100, budget, 0.001, seed=2, adaptive=True, max_samples=300)
+    assert small.samples <= 400
+    fixed = certifier.certify(x, 100, 500, 0.001, seed=2)
+    assert fixed.samples == 600 and fixed.counts.sum() == 500
+    for tolerance in (0.0, -1.0, float("nan")):
+        with pytest.raises(UserError):
+            certifier.certify(x, 100, budget, 0.001, adaptive=True, tolerance=tolerance)
+
+
+def test_adaptive_false_radius_rate_at_most_alpha():
+    """P(radius > true radius) <= alpha, over independent seeds on a half-space with true radius d."""
+    sigma, alpha, trials = 0.5, 0.1, 200
+    model = HalfSpace(SHAPE, seed=4)
+    d = sigma * norm.ppf(0.8)
+    certifier = Certifier(model, 2, sigma, batch_size=2000)
+    x = point_at_distance(model, d)
+    results = [certifier.certify(x, 11, 1600, alpha, seed=s, adaptive=True, tolerance=0.02) for s in range(trials)]
+    false = sum((r.prediction == 1 and r.radius > d) or r.prediction == 0 for r in results)
+    assert false / trials <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+
+
+# --- sound sampling ---------------------------------------------------------------------------------------------
+
+class GridRecorder(nn.Module):
+    """Two-class logits, counting the inputs it saw off the 1/255 grid (beyond float32 rounding of k / 255)."""
+
+    def __init__(self):
+        super().__init__()
+        self.off_grid = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = x.double() * 255
+        self.off_grid += int(((scaled - scaled.round()).abs() > 1e-4).flatten(1).any(1).sum())
+        s = x.flatten(1).mean(1) - 0.5
+        return torch.stack([-s, s], 1)
+
+
+def test_sound_refuses_off_grid_images_and_feeds_grid_values():
+    recorder = GridRecorder()
+    certifier = Certifier(recorder, 2, 0.25, batch_size=700, sound=True)
+    certifier.check_input(SHAPE)  # its probe is not on the grid
+    recorder.off_grid = 0
+    with pytest.raises(UserError, match="grid"):
+        certifier.certify(torch.rand(SHAPE) * 0.5 + 0.001, 10, 100, 0.01)
+    x = grid_image()
+    result = certifier.certify(x, 20, 1500, 0.01, seed=3)
+    assert result.samples == 1520 and result.counts.sum() == 1500
+    top = int(certifier.sample_counts(certifier._images([x]), [20], certifier._generators([3], 0))[0].argmax())
+    exact = stats.lower_confidence_bound(int(result.counts[top]), 1500, 0.01)
+    assert result.p_lower == pytest.approx(exact - TV_PER_PIXEL * 256, abs=1e-15)
+    assert result.p_lower < exact
+    assert certifier.predict(x, 500, 0.01, seed=1) in (0, 1, Certifier.ABSTAIN)
+    assert certifier.certify_radius(x, 0.0, 0.01, max_samples=2000, seed=1).samples <= 2100
+    assert certifier.certify(x, 20, 1500, 0.01, seed=3, adaptive=True).samples <= 1520
+    assert recorder.off_grid == 0
+    Certifier(recorder, 2, 0.25, batch_size=700).certify(x, 20, 100, 0.01)
+    assert recorder.off_grid > 100  # the recorder does catch Gaussian noise
+
+
+def test_sound_certificates_on_a_halfspace_stay_sound():
+    sigma = 0.5
+    model = HalfSpace(SHAPE, seed=3)
+    x = (point_at_distance(model, 1.0) * 255).round() / 255
+    d = float(x.flatten() @ model.w + model.b)
+    certifier = Certifier(model, 2, sigma, batch_size=2000, sound=True)
+    result = certifier.certify(x, 100, 4000, 0.001, seed=0)
+    # Rounding and clipping move the law slightly; the radius is still close to, and in practice below, d.
+    assert result.prediction == 1 and 0.5 * d < result.radius < d + 0.05
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+def certify(out, *extra: str) -> int:
+    return main(["certify", "--model", str(tiny_checkpoint()), "--out", str(out), *extra])
+
+
+def lines(path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+def test_cli_radius_rows(tmp_path):
+    out = tmp_path / "r.tsv"
+    assert certify(out, "--radius", "0.1", "--n0", "10", "--n", "300", "--max", "3", "--alpha", "0.01", "--batch", "200") == 0
+    header, *got = lines(out)
+    assert header == ["idx", "label", "predict", "certified", "samples", "time"]
+    certifier = Certifier(load_classifier(tiny_checkpoint()), 10, SIGMA, batch_size=200)
+    images, labels = fashion_test_images(3)
+    assert [int(r[0]) for r in got] == [0, 1, 2]
+    for idx, label, predict, certified, samples, _ in got:
+        want = certifier.certify_radius(images[int(idx)], 0.1, 0.01, n0=10, max_samples=300, seed=derive_seed(0, int(idx)))
+        assert (int(label), int(predict), bool(int(certified)), int(samples)) == (
+            labels[int(idx)], want.prediction, want.certified, want.samples)
+    assert json.loads((tmp_path / "r.tsv.json").read_text())["radius"] == 0.1
+    # Resume refuses another mode on the same file.
+    assert certify(out, "--n0", "10", "--n", "300", "--max", "3", "--alpha", "0.01") == 2
+    assert certify(out, "--radius", "0.2", "--n0", "10", "--n", "300", "--max", "3", "--alpha", "0.01") == 2
+    assert certify(out, "--radius", "0.1", "--n0", "10", "--n", "300", "--max", "4", "--alpha", "0.01") == 0
+    assert len(lines(out)) == 5
+
+
+def test_cli_adaptive_rows(tmp_path):
+    out = tmp_path / "a.tsv"
+    assert certify(out, "--adaptive", "--tolerance", "0.05", "--n0", "10", "--n", "400", "--max", "3") == 0
+    header, *got = lines(out)
+    assert header == ["idx", "label", "predict", "radius", "correct", "samples", "time"]
+    certifier = Certifier(load_classifier(tiny_checkpoint()), 10, SIGMA)
+    images, labels = fashion_test_images(3)
+    for idx, label, predict, radius, correct, samples, _ in got:
+        want = certifier.certify(images[int(idx)], 10, 400, 0.001, seed=derive_seed(0, int(idx)), adaptive=True,
+                                 tolerance=0.05)
+        assert int(predict) == want.prediction and int(samples) == want.samples <= 410
+        assert float(radius) <= want.radius < float(radius) + 1e-4
+        assert int(correct) == int(want.prediction == labels[int(idx)])
+    sidecar = json.loads((tmp_path / "a.tsv.json").read_text())
+    assert sidecar["adaptive"] is True and sidecar["tolerance"] == 0.05
+    assert certify(out, "--adaptive", "--tolerance", "0.1", "--n0", "10", "--n", "400", "--max", "3") == 2
+
+
+def test_cli_sound(tmp_path):
+    out = tmp_path / "s.tsv"
+    assert certify(out, "--sound", "--n0", "10", "--n", "200", "--max", "2") == 0
+    assert lines(out)[0] == ["idx", "label", "predict", "radius", "correct", "time"] and len(lines(out)) == 3
+    assert json.loads((tmp_path / "s.tsv.json").read_text())["sound"] is True
+    certifier = Certifier(load_classifier(tiny_checkpoint()), 10, SIGMA, sound=True)
+    images, _ = fashion_test_images(2)
+    for row in lines(out)[1:]:
+        want = certifier.certify(images[int(row[0])], 10, 200, 0.001, seed=derive_seed(0, int(row[0])))
+        assert int(row[2]) == want.prediction
+    assert certify(out, "--n0", "10", "--n", "200", "--max", "2") == 2  # sound run, plain resume: refused
+    predicted = tmp_path / "p.tsv"
+    assert main(["predict", "--model", str(tiny_checkpoint()), "--sound", "--n", "200", "--max", "2", "--out", str(predicted)]) == 0
+    assert lines(predicted)[0] == ["idx", "label", "predict", "correct", "time"] and len(lines(predicted)) == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--radius", "-0.5"], "--radius"), (["--radius", "nan"], "--radius"),
+    (["--adaptive", "--tolerance", "0"], "--tolerance"), (["--adaptive", "--tolerance", "-1"], "--tolerance"),
+    (["--radius", "0.1", "--adaptive"], "exclude"), (["--tolerance", "0.1"], "--adaptive only"),
+])
+def test_cli_bad_mode_values_exit_2(tmp_path, capsys, extra, message):
+    out = tmp_path / "bad.tsv"
+    assert certify(out, "--n0", "10", "--n", "100", "--max", "1", *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rrcm: error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists()

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import ndtri
-from scipy.stats import beta as beta_dist
 
 from rrcm.engine.sequential import Sampler, draw_counts
+from rrcm.engine.stats import ABSTAIN, lower_confidence_bound, upper_confidence_bound
 from rrcm.errors import UserError
 
-ABSTAIN = -1
 
 
 def doubling_checkpoints(max_samples: int, first: int = 100) -> list[int]:
@@ -41,18 +40,6 @@ def checkpoint_levels(num_checkpoints: int, alpha: float) -> np.ndarray:
     k = np.arange(num_checkpoints - 1)
     weights = 1.0 / ((k + 1) * (k + 2))
     return np.append(alpha / 2 * weights / weights.sum(), alpha / 2)
-
-
-def clopper_pearson_lower(h, t, level):
-    """One-sided lower confidence bound on p from h hits among t samples, P(bound > p) <= level."""
-    h, t = np.asarray(h), np.asarray(t)
-    return np.where(h > 0, beta_dist.ppf(level, np.maximum(h, 1), t - h + 1), 0.0)
-
-
-def clopper_pearson_upper(h, t, level):
-    """One-sided upper confidence bound on p, P(bound < p) <= level."""
-    h, t = np.asarray(h), np.asarray(t)
-    return np.where(h < t, beta_dist.ppf(1 - level, h + 1, np.maximum(t - h, 1)), 1.0)
 
 
 @dataclass(frozen=True)
@@ -102,11 +89,11 @@ def certify_adaptive(
     for n, level in zip(checkpoints, levels):
         h += int(draw_counts(draw_estimate, n - t, num_classes)[prediction])
         t = n
-        best = max(best, float(clopper_pearson_lower(h, t, level)))
-        if t == max_samples or clopper_pearson_upper(h, t, level) < 0.5:
+        best = max(best, float(lower_confidence_bound(h, t, level)))
+        if t == max_samples or upper_confidence_bound(h, t, level) < 0.5:
             break
         if best > 0.5:
-            predicted = clopper_pearson_lower(round(h / t * max_samples), max_samples, levels[-1])
+            predicted = lower_confidence_bound(round(h / t * max_samples), max_samples, levels[-1])
             if sigma * (ndtri(predicted) - ndtri(best)) <= tolerance:
                 break
     if best <= 0.5:

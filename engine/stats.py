@@ -22,6 +22,13 @@ def lower_confidence_bound(k, n, alpha: float):
     return float(bound) if bound.ndim == 0 else bound
 
 
+def upper_confidence_bound(k, n, alpha: float):
+    """One-sided Clopper-Pearson upper bound: P(bound < p) <= alpha for k ~ Binomial(n, p). Works on arrays."""
+    k, n = np.asarray(k), np.asarray(n)
+    bound = np.where(k < n, beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1)), 1.0)
+    return float(bound) if bound.ndim == 0 else bound
+
+
 def certified_radius(p_lower, sigma: float):
     """L2 radius sigma * PhiInv(p_lower) of a certificate; 0 where p_lower < 1/2 (abstention)."""
     p_lower = np.asarray(p_lower, dtype=np.float64)

@@ -33,6 +33,14 @@ class HalfSpace(nn.Module):
         return x.view(self.shape)
 
 
+def point_at_distance(model: HalfSpace, d: float) -> torch.Tensor:
+    """An image in [0, 1] at signed distance d from the boundary: class 1 with true radius d when d > 0."""
+    c = torch.full(model.shape, 0.5).flatten()
+    x = c + (d - (c @ model.w + model.b)) * model.w
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    return x.view(model.shape)
+
+
 class GaussianSampler:
     """draw(m): class counts of m noisy forward passes through the real noise path (noisy_inputs, count_predictions)."""
 

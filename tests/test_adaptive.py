@@ -8,10 +8,8 @@ from scipy.special import ndtr, ndtri
 from scipy.stats import binom
 
 from halfspace import GaussianSampler, HalfSpace
-from rrcm.engine.adaptive import (
-    ABSTAIN, AdaptiveResult, certify_adaptive, checkpoint_levels, clopper_pearson_lower, clopper_pearson_upper,
-    doubling_checkpoints,
-)
+from rrcm.engine.adaptive import AdaptiveResult, certify_adaptive, checkpoint_levels, doubling_checkpoints
+from rrcm.engine.stats import ABSTAIN, lower_confidence_bound, upper_confidence_bound
 from rrcm.errors import UserError
 
 SIGMA = 0.5
@@ -35,7 +33,7 @@ def test_levels_spend_half_on_the_last_checkpoint():
 @pytest.mark.parametrize("t,level", [(20, 0.05), (100, 0.001), (100, 0.3)])
 def test_clopper_pearson_bounds_have_exact_coverage(t, level):
     h = np.arange(t + 1)
-    lower, upper = clopper_pearson_lower(h, t, level), clopper_pearson_upper(h, t, level)
+    lower, upper = lower_confidence_bound(h, t, level), upper_confidence_bound(h, t, level)
     assert lower[0] == 0.0 and upper[-1] == 1.0 and (lower <= h / t).all() and (upper >= h / t).all()
     worst_low = worst_up = 0.0
     for p in np.linspace(0.001, 0.999, 999):
@@ -51,7 +49,7 @@ def ever_exceeds(p_true: np.ndarray, checkpoints: list[int], levels: np.ndarray,
     the first time the radius exceeds the true radius (the radius is monotone in the bound)."""
     steps = np.diff(np.append(0, checkpoints))
     hits = np.cumsum(rng.binomial(steps, p_true[:, None], size=(p_true.size, len(checkpoints))), axis=1)
-    best = np.maximum.accumulate(clopper_pearson_lower(hits, np.array(checkpoints), levels), axis=1)
+    best = np.maximum.accumulate(lower_confidence_bound(hits, np.array(checkpoints), levels), axis=1)
     return (best > p_true[:, None]).any(axis=1)
 
 
@@ -81,11 +79,11 @@ def test_tolerance_decides_how_much_of_the_budget_is_spent():
     draw = fixed_rate_sampler(0.9)
     levels = checkpoint_levels(11, 0.001)
     first = certify_adaptive(draw, draw, 2, SIGMA, 0.001, tolerance=math.inf)
-    assert first == AdaptiveResult(1, SIGMA * float(ndtri(clopper_pearson_lower(90, 100, levels[0]))),
-                                   float(clopper_pearson_lower(90, 100, levels[0])), 200)
+    assert first == AdaptiveResult(1, SIGMA * float(ndtri(lower_confidence_bound(90, 100, levels[0]))),
+                                   float(lower_confidence_bound(90, 100, levels[0])), 200)
     full = certify_adaptive(draw, draw, 2, SIGMA, 0.001, tolerance=0.0)
     assert full.samples == 100 + 100_000
-    assert full.p_lower == pytest.approx(float(clopper_pearson_lower(90_000, 100_000, 0.0005)), rel=1e-12)
+    assert full.p_lower == pytest.approx(float(lower_confidence_bound(90_000, 100_000, 0.0005)), rel=1e-12)
     some = certify_adaptive(draw, draw, 2, SIGMA, 0.001, tolerance=0.01)
     assert first.samples < some.samples < full.samples
     assert full.radius - 0.01 <= some.radius < full.radius
@@ -94,7 +92,7 @@ def test_tolerance_decides_how_much_of_the_budget_is_spent():
 def test_clear_abstentions_stop_at_the_first_checkpoint():
     draw = fixed_rate_sampler(0.24, 0.24, 0.24)  # the top class, 0, has probability 0.28
     assert certify_adaptive(draw, draw, 4, SIGMA, 0.001, tolerance=0.0) == AdaptiveResult(
-        ABSTAIN, 0.0, float(clopper_pearson_lower(28, 100, checkpoint_levels(11, 0.001)[0])), 200)
+        ABSTAIN, 0.0, float(lower_confidence_bound(28, 100, checkpoint_levels(11, 0.001)[0])), 200)
     tie = fixed_rate_sampler(0.5)
     result = certify_adaptive(tie, tie, 2, SIGMA, 0.001, max_samples=3200)
     assert result.prediction == ABSTAIN and result.samples == 3300

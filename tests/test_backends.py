@@ -13,13 +13,7 @@ from rrcm.errors import UserError
 from rrcm.export.onnx import export_onnx, save_onnx
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Other jobs share these 2 cores: a second intra-op thread mostly waits at barriers (8x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

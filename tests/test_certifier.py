@@ -10,28 +10,16 @@ import torch
 from scipy.stats import beta, binom, norm
 from torch import nn
 
-from halfspace import HalfSpace
+from halfspace import HalfSpace, point_at_distance
 from rrcm.engine import Certifier
 from rrcm.errors import UserError
 
 SHAPE = (1, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Other jobs share these 2 cores: a second intra-op thread mostly waits at barriers (8x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def point_at_distance(model: HalfSpace, d: float) -> torch.Tensor:
-    """An image in [0, 1] at signed distance d from the boundary: class 1 with true radius d when d > 0."""
-    c = torch.full(SHAPE, 0.5).flatten()
-    x = c + (d - (c @ model.w + model.b)) * model.w
-    assert 0.0 <= x.min() and x.max() <= 1.0
-    return x.view(SHAPE)
 
 
 def exact_outcomes(p_a: float, n0: int, n: int, alpha: float, sigma: float, d: float) -> tuple[float, float, float]:

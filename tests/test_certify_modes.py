@@ -10,7 +10,7 @@ from scipy.stats import norm
 from torch import nn
 
 from deploy_helpers import SIGMA, fashion_test_images, tiny_checkpoint
-from halfspace import HalfSpace
+from halfspace import HalfSpace, point_at_distance
 from rrcm import load_classifier
 from rrcm.cli import main
 from rrcm.engine import Certifier
@@ -22,21 +22,9 @@ from rrcm.kernels.sound import TV_PER_PIXEL
 SHAPE = (1, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Other jobs share these 2 cores: a second intra-op thread mostly waits at barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def point_at_distance(model: HalfSpace, d: float) -> torch.Tensor:
-    """An image in [0, 1] at signed distance d from the boundary: class 1 with true radius d when d > 0."""
-    c = torch.full(SHAPE, 0.5).flatten()
-    x = c + (d - (c @ model.w + model.b)) * model.w
-    assert 0.0 <= x.min() and x.max() <= 1.0
-    return x.view(SHAPE)
 
 
 def grid_image(seed: int = 0) -> torch.Tensor:

@@ -25,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Other jobs share these 2 cores: a second intra-op thread mostly waits at barriers (8x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def certify(out: Path, *extra: str, model: str | None = None) -> int:

@@ -13,7 +13,7 @@ fi
 [ -d /usr/share/datasets/fashion-mnist ] || { echo "Fashion-MNIST missing: apt-get install dataset-fashion-mnist" >&2; exit 2; }
 rrcm=.venv/bin/rrcm
 
-$rrcm pretrain --preset tiny --steps 300 --batch-size 128 --out "$RUN/pretrain"
-$rrcm finetune --init "$RUN/pretrain" --sigma 0.25 --steps 300 --batch-size 128 --out "$RUN/sigma-0.25"
+$rrcm pretrain --preset tiny --steps 600 --batch-size 128 --out "$RUN/pretrain"
+$rrcm finetune --init "$RUN/pretrain" --sigma 0.25 --steps 600 --batch-size 128 --out "$RUN/sigma-0.25"
 $rrcm certify --model "$RUN/sigma-0.25" --n0 100 --n 2000 --alpha 0.001 --skip 100 --max 50 --out "$RUN/certify-0.25.tsv"
 $rrcm analyze "$RUN/certify-0.25.tsv" --radii 0 0.1 0.25 0.5

@@ -16,10 +16,7 @@ from rrcm.errors import UserError
 
 SHAPE = (1, 16, 16)
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 
 def exact_outcomes(p_a: float, n0: int, n: int, alpha: float, sigma: float, d: float) -> tuple[float, float, float]:

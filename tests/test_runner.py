@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from deploy_helpers import SIGMA, fashion_test_images, tiny_checkpoint
 from rrcm import load_classifier

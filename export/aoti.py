@@ -24,6 +24,7 @@ from rrcm.classifier import NoisyImageClassifier, load_classifier
 from rrcm.engine.backends import ModelInfo, _first_line
 from rrcm.errors import UserError
 from rrcm.export.onnx import PREFIX, Agreement, from_metadata, to_metadata
+from rrcm.export.commands import add_model_arguments
 
 
 def package_metadata(classifier: NoisyImageClassifier, device: str, batch: int | None) -> dict[str, str]:
@@ -177,9 +178,7 @@ class _ExportAoti:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="fine-tuned checkpoint folder or bundled model name (fashion-mnist)")
-        p.add_argument("--sigma", type=float, default=None,
-                       help="noise level the classifier was fine-tuned for (default: the checkpoint's; needed for a bundled model)")
+        add_model_arguments(p)
         p.add_argument("--out", required=True, help="package file to write, ending in .pt2")
         p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                        help="device the package runs on; compiled code is device-specific (default cpu)")

@@ -15,6 +15,13 @@ EXPORTERS: dict[str, str] = {
 }
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model and --sigma, the same for every exporter."""
+    p.add_argument("--model", required=True, help="fine-tuned checkpoint folder or bundled model name (fashion-mnist)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="noise level the classifier was fine-tuned for (default: the checkpoint's; needed for a bundled model)")
+
+
 def _load(target: str):
     module, attr = target.split(":")
     return getattr(importlib.import_module(module), attr)

@@ -22,6 +22,7 @@ from torch import nn
 from rrcm.classifier import load_classifier
 from rrcm.engine.backends import ModelInfo
 from rrcm.errors import UserError
+from rrcm.export.commands import add_model_arguments
 
 PREFIX = "rrcm."
 INPUT, OUTPUT = "x", "logits"
@@ -119,9 +120,7 @@ class _ExportOnnx:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="fine-tuned checkpoint folder or bundled model name (fashion-mnist)")
-        p.add_argument("--sigma", type=float, default=None,
-                       help="noise level the classifier was fine-tuned for (default: the checkpoint's; needed for a bundled model)")
+        add_model_arguments(p)
         p.add_argument("--out", required=True, help="ONNX file to write (e.g. model.onnx)")
         p.add_argument("--opset", type=int, default=17, help="ONNX opset version, >= 17 (default 17)")
         p.add_argument("--static-batch", type=int, default=None, metavar="B",

@@ -27,6 +27,7 @@ from rrcm.classifier import NoisyImageClassifier, load_classifier
 from rrcm.engine.backends import ModelInfo
 from rrcm.errors import UserError
 from rrcm.export.aoti import compare_with_torch, run_in_chunks
+from rrcm.export.commands import add_model_arguments
 
 INSTALL_HINT = ("TensorRT is not installed: 'pip install tensorrt' on a machine with an NVIDIA GPU and CUDA, "
                 "or NVIDIA's packages (https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/installing.html)")
@@ -197,9 +198,7 @@ class _ExportTensorRT:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="fine-tuned checkpoint folder or bundled model name (fashion-mnist)")
-        p.add_argument("--sigma", type=float, default=None,
-                       help="noise level the classifier was fine-tuned for (default: the checkpoint's; needed for a bundled model)")
+        add_model_arguments(p)
         p.add_argument("--out", required=True, help="plan file to write, ending in .plan (metadata goes to OUT.json)")
         precision = p.add_mutually_exclusive_group()
         precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",

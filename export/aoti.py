@@ -23,7 +23,7 @@ import rrcm
 from rrcm.classifier import NoisyImageClassifier, load_classifier
 from rrcm.engine.backends import ModelInfo, _first_line
 from rrcm.errors import UserError
-from rrcm.export.onnx import PREFIX, Agreement, from_metadata, to_metadata
+from rrcm.export.onnx import PREFIX, backend_agreement, from_metadata, to_metadata
 from rrcm.export.commands import add_model_arguments
 
 
@@ -162,17 +162,6 @@ class AotiBackend:
         return run_in_chunks(self._run, row_major(batch.to(self.device, torch.float32)), self.static_batch, pad=True).float()
 
 
-def compare_with_torch(classifier: NoisyImageClassifier, backend, samples: int = 256, seed: int = 0) -> Agreement:
-    """An engine backend against `classifier` on random noisy images x + sigma * z, x uniform in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand((samples, *classifier.input_shape), generator=g)
-    x = (x + classifier.sigma * torch.randn(x.shape, generator=g)).to(backend.device)
-    with torch.no_grad():
-        expected = classifier(x).float()
-    got = backend.forward(x * backend.input_scale + backend.input_shift)
-    return Agreement(float((got - expected).abs().max()), float((got.argmax(1) == expected.argmax(1)).double().mean()), samples)
-
-
 class _ExportAoti:
     help = "compile a classifier for one sigma into an AOTInductor package (.pt2) for Python or C++"
 
@@ -195,7 +184,7 @@ class _ExportAoti:
             out = export_aoti(classifier, args.out, args.device, args.batch)
             progress.update()
             progress.set_postfix_str("checking against torch")
-            check = compare_with_torch(classifier, AotiBackend(out, args.device))
+            check = backend_agreement(classifier, AotiBackend(out, args.device))
             progress.update()
         if check.argmax_agreement < 0.99:
             out.unlink()

@@ -101,18 +101,22 @@ class Agreement:
     samples: int
 
 
+def backend_agreement(classifier: nn.Module, backend, samples: int = 256, seed: int = 0) -> Agreement:
+    """An engine backend against `classifier` on random noisy images x + sigma * z, x uniform in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((samples, *classifier.input_shape), generator=g)
+    x = x + classifier.sigma * torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        expected = classifier(x.to(next(classifier.parameters()).device)).float().to(backend.device)
+    got = backend.forward((x * backend.input_scale + backend.input_shift).to(backend.device))
+    return Agreement(float((got - expected).abs().max()), float((got.argmax(1) == expected.argmax(1)).double().mean()), samples)
+
+
 def compare_with_torch(model: bytes | str | Path, classifier: nn.Module, samples: int = 512, seed: int = 0) -> Agreement:
     """ONNX Runtime (CPU) against `classifier` on random noisy images x + sigma * z, x uniform in [0, 1]."""
     from rrcm.engine.backends import OnnxRuntimeBackend
 
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand((samples, *classifier.input_shape), generator=g)
-    x = x + classifier.sigma * torch.randn(x.shape, generator=g)
-    device = next(classifier.parameters()).device
-    with torch.no_grad():
-        expected = classifier(x.to(device)).float().cpu()
-    got = OnnxRuntimeBackend(model, "cpu").forward(x)
-    return Agreement(float((got - expected).abs().max()), float((got.argmax(1) == expected.argmax(1)).double().mean()), samples)
+    return backend_agreement(classifier, OnnxRuntimeBackend(model, "cpu"), samples, seed)
 
 
 class _ExportOnnx:

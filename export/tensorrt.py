@@ -26,7 +26,8 @@ import rrcm
 from rrcm.classifier import NoisyImageClassifier, load_classifier
 from rrcm.engine.backends import ModelInfo
 from rrcm.errors import UserError
-from rrcm.export.aoti import compare_with_torch, run_in_chunks
+from rrcm.export.aoti import run_in_chunks
+from rrcm.export.onnx import backend_agreement
 from rrcm.export.commands import add_model_arguments
 
 INSTALL_HINT = ("TensorRT is not installed: 'pip install tensorrt' on a machine with an NVIDIA GPU and CUDA, "
@@ -242,7 +243,7 @@ class _ExportTensorRT:
             os.replace(partial, out)
             progress.update()
             progress.set_postfix_str("checking against torch")
-            check = compare_with_torch(classifier, TensorRTBackend(out, device))
+            check = backend_agreement(classifier, TensorRTBackend(out, device))
             progress.update()
         print(f"wrote {out} ({len(plan) / 1e6:.1f} MB, {args.precision}, batch {batch}{'' if args.batch else ' max'}, "
               f"{gpu}, TensorRT {trt.__version__}): sigma {classifier.sigma:g}, {classifier.num_classes} classes; checked on "

@@ -56,6 +56,9 @@ class _Command:
             p.add_argument("--radius", type=float, default=None,
                            help="decide robustness at this L2 radius r with as few samples as possible (anytime-valid "
                                 "sequential test, --n the budget); TSV: idx label predict certified samples time")
+            p.add_argument("--beta", type=float, default=None,
+                           help="--radius: chance of giving up early on an image that is robust at r (default 0.001; "
+                                "0: never give up before the budget)")
             p.add_argument("--adaptive", action="store_true",
                            help="the largest radius within a budget of --n samples, stopping early at doubling "
                                 "checkpoints; TSV gets a samples column after correct")
@@ -93,9 +96,13 @@ class _Command:
         certify = self.mode == "certify"
         if certify and args.tolerance is not None and not args.adaptive:
             raise UserError("--tolerance applies to --adaptive only")
+        if certify and args.beta is not None and args.radius is None:
+            raise UserError("--beta applies to --radius only")
         variants = {"radius": args.radius, "adaptive": args.adaptive} if certify else {}
         if certify and args.tolerance is not None:
             variants["tolerance"] = args.tolerance
+        if certify and args.beta is not None:
+            variants["beta"] = args.beta
         job = runner.Job(self.mode, args.n, args.alpha, args.n0 if certify else 100,
                          args.skip, args.max, args.seed, **variants).check()
         if args.precision not in PRECISIONS:

@@ -42,7 +42,8 @@ class Job:
     (at most max_images of them), image idx seeded by derive_seed(seed, idx).
 
     certify variants, with n the estimation budget: `radius` r (a decision at r, `Certifier.certify_radius`),
-    or `adaptive` (the largest radius, stopping within `tolerance` of it).
+    or `adaptive` (the largest radius, stopping within `tolerance` of it). `beta` bounds the chance that a
+    decision at r gives up early on an image robust at r (0: never gives up before the budget).
     """
 
     mode: str
@@ -55,6 +56,7 @@ class Job:
     radius: float | None = None
     adaptive: bool = False
     tolerance: float = 0.01
+    beta: float = 1e-3
 
     @property
     def layout(self) -> str:
@@ -72,6 +74,8 @@ class Job:
             raise UserError("--radius and --adaptive exclude each other: a decision at r, or the largest radius")
         if self.radius is not None and not (math.isfinite(self.radius) and self.radius >= 0):
             raise UserError(f"--radius must be >= 0, got {self.radius}")
+        if not 0.0 <= self.beta < 1.0:
+            raise UserError(f"--beta must be in [0, 1), got {self.beta}")
         if not (math.isfinite(self.tolerance) and self.tolerance > 0):
             raise UserError(f"--tolerance must be > 0, got {self.tolerance}")
         for name in ("n0", "n", "skip", "seed"):
@@ -104,6 +108,11 @@ def init_distributed(device: str | torch.device) -> tuple[int, int, torch.device
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def round_down(radius: float) -> float:
+    """A radius rounded down to 4 decimals: what a TSV row may claim."""
+    return math.floor(radius * 1e4) / 1e4
+
+
 def _format_row(mode: str, idx: int, label: int, prediction: int, radius: float, seconds: float,
                 samples: int = 0, certified: bool = False) -> str:
     """One row of layout `mode` (a HEADERS key); `samples` for adaptive and radius rows, `certified` for radius ones."""
@@ -113,7 +122,7 @@ def _format_row(mode: str, idx: int, label: int, prediction: int, radius: float,
         return f"{idx}\t{label}\t{prediction}\t{correct}\t{elapsed}"
     if mode == "radius":
         return f"{idx}\t{label}\t{prediction}\t{int(certified)}\t{samples}\t{elapsed}"
-    row = f"{idx}\t{label}\t{prediction}\t{math.floor(radius * 1e4) / 1e4:.4f}\t{correct}"
+    row = f"{idx}\t{label}\t{prediction}\t{round_down(radius):.4f}\t{correct}"
     return f"{row}\t{samples}\t{elapsed}" if mode == "adaptive" else f"{row}\t{elapsed}"
 
 
@@ -211,7 +220,7 @@ def run(certifier: Certifier, dataset, out: str | Path, job: Job, params: dict[s
               "skip": job.skip, "max": job.max_images, "seed": job.seed, **params}
     # Recorded only when used, so that sidecars from before these modes still resume.
     if job.radius is not None:
-        params["radius"] = job.radius
+        params.update(radius=job.radius, beta=job.beta)
     if job.adaptive:
         params.update(adaptive=True, tolerance=job.tolerance)
     layout = job.layout
@@ -233,7 +242,8 @@ def run(certifier: Certifier, dataset, out: str | Path, job: Job, params: dict[s
             seeds = [derive_seed(job.seed, i) for i in idx]
             t0 = time.perf_counter()
             if layout == "radius":
-                d = certifier.certify_radius(images[0], job.radius, job.alpha, n0=job.n0, max_samples=job.n, seed=seeds[0])
+                d = certifier.certify_radius(images[0], job.radius, job.alpha, beta=job.beta or None, n0=job.n0,
+                                             max_samples=job.n, seed=seeds[0])
                 outcomes = [(d.prediction, 0.0, d.samples, d.certified)]
             elif layout == "adaptive":
                 r = certifier.certify(images[0], job.n0, job.n, job.alpha, seeds[0], adaptive=True, tolerance=job.tolerance)

@@ -4,6 +4,10 @@ Draw number `a` of seed `s` is lane `a % 4` of Box-Muller applied to Philox4x32-
 counter `a // 4`, exactly as `triton.language.randn4x(s, a // 4)` computes it. So (seed, offset) names
 every draw, and a call that uses draws offset .. offset + n - 1 shares none with one that starts at
 offset + n.
+
+The integer stream of the sound sampler (`rrcm.kernels.triton_sound`) takes two words per draw: draw `a`
+is u = (hi << 30) | (lo >> 2) with (hi, lo) = words (0, 1) of counter a // 2 for even a, words (2, 3) for
+odd a. That is the 64-bit (hi << 32) | lo shifted right by 2: uniform on [0, 2^62).
 """
 from __future__ import annotations
 
@@ -55,3 +59,11 @@ def philox_normal(seed: int, offset: int, numel: int, device: torch.device | str
     n2, n3 = _box_muller(_uniform(words[2]), _uniform(words[3]))
     lanes = torch.stack([n0, n1, n2, n3], dim=-1).flatten()
     return lanes[offset % 4 : offset % 4 + numel]
+
+
+def philox_uniform62(seed: int, offset: int, numel: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Draws offset .. offset + numel - 1 of seed's integer stream, as a (numel,) int64 tensor in [0, 2^62)."""
+    first, last = offset // 2, (offset + numel + 1) // 2
+    w0, w1, w2, w3 = philox4x32(seed, torch.arange(first, last, dtype=torch.int64, device=device))
+    lanes = torch.stack([(w0 << 30) | (w1 >> 2), (w2 << 30) | (w3 >> 2)], dim=-1).flatten()
+    return lanes[offset % 2 : offset % 2 + numel]

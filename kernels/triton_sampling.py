@@ -56,10 +56,33 @@ def check_triton_device(t: torch.Tensor, what: str) -> None:
         raise UserError(f"{what} is on {t.device}; Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
 
 
-def _check_number(name: str, value: float, minimum: float | None = None) -> float:
+def check_number(name: str, value: float, minimum: float | None = None) -> float:
     if not (isinstance(value, (int, float)) and math.isfinite(value)) or (minimum is not None and value < minimum):
         raise UserError(f"{name} must be a finite number{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
     return float(value)
+
+
+def check_launch(
+    out: torch.Tensor, images: torch.Tensor, image_of_row: torch.Tensor, seed: int, offset: int | torch.Tensor
+) -> tuple[int, int | torch.Tensor]:
+    """Validate the arguments a (seed, offset) sampler launch shares; returns (seed, offset) as int / tensor."""
+    if out.dtype not in OUT_DTYPES or out.shape[1:] != images.shape[1:] or not out.is_contiguous():
+        raise UserError(f"out must be a contiguous (R, {', '.join(map(str, images.shape[1:]))}) tensor of {OUT_DTYPES}")
+    if image_of_row.shape != out.shape[:1] or image_of_row.is_floating_point() or image_of_row.is_complex():
+        raise UserError(f"image_of_row must be an integer tensor of shape ({out.shape[0]},)")
+    for t, what in ((out, "out"), (images, "images"), (image_of_row, "image_of_row")):
+        check_triton_device(t, what)
+        if t.device != out.device:
+            raise UserError(f"{what} is on {t.device}, out on {out.device}")
+    if not isinstance(seed, Integral) or not 0 <= seed < 2**63:
+        raise UserError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    in_memory = isinstance(offset, torch.Tensor)
+    if in_memory:
+        if offset.numel() != 1 or offset.dtype != torch.int64 or offset.device != out.device:
+            raise UserError(f"an offset tensor must hold one int64 on {out.device}")
+    elif not isinstance(offset, Integral) or not 0 <= offset < 2**62:
+        raise UserError(f"offset must be an integer in [0, 2**62), got {offset!r}")
+    return int(seed), offset if in_memory else int(offset)
 
 
 def write_noisy_inputs(
@@ -81,25 +104,10 @@ def write_noisy_inputs(
     """
     if images.dim() != 4 or not images.is_floating_point():
         raise UserError(f"images must be a floating (k, C, H, W) tensor, got {tuple(images.shape)} {images.dtype}")
-    if out.dtype not in OUT_DTYPES or out.shape[1:] != images.shape[1:] or not out.is_contiguous():
-        raise UserError(f"out must be a contiguous (R, {', '.join(map(str, images.shape[1:]))}) tensor of {OUT_DTYPES}")
-    if image_of_row.shape != out.shape[:1] or image_of_row.is_floating_point() or image_of_row.is_complex():
-        raise UserError(f"image_of_row must be an integer tensor of shape ({out.shape[0]},)")
-    for t, what in ((out, "out"), (images, "images"), (image_of_row, "image_of_row")):
-        check_triton_device(t, what)
-        if t.device != out.device:
-            raise UserError(f"{what} is on {t.device}, out on {out.device}")
-    if not isinstance(seed, Integral) or not 0 <= seed < 2**63:
-        raise UserError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    seed, offset = check_launch(out, images, image_of_row, seed, offset)
     in_memory = isinstance(offset, torch.Tensor)
-    if in_memory:
-        if offset.numel() != 1 or offset.dtype != torch.int64 or offset.device != out.device:
-            raise UserError(f"an offset tensor must hold one int64 on {out.device}")
-    elif not isinstance(offset, Integral) or not 0 <= offset < 2**62:
-        raise UserError(f"offset must be an integer in [0, 2**62), got {offset!r}")
-    seed, offset = int(seed), offset if in_memory else int(offset)
-    sigma = _check_number("sigma", sigma, 0.0)
-    scale, shift = _check_number("scale", scale), _check_number("shift", shift)
+    sigma = check_number("sigma", sigma, 0.0)
+    scale, shift = check_number("scale", scale), check_number("shift", shift)
     chw = images[0].numel()
     if out.numel() == 0:
         return out

@@ -223,7 +223,7 @@ class PretrainViews:
     hue: float = 0.1
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
-    blur_sigma: Range = (0.1, 2.0)
+    blur_sigma: Range | None = None  # default: (0.1, 2.0) pixels at 224 px, scaled to image_size
     blur_p_a: float = 1.0
     blur_p_b: float = 0.1
     solarize_p_a: float = 0.0
@@ -233,6 +233,10 @@ class PretrainViews:
     def __post_init__(self):
         if self.image_size < 1:
             raise UserError(f"image size must be positive, got {self.image_size}")
+        if self.blur_sigma is None:
+            # The recipe's blur is for 224 px images; at 28 px a 2-pixel blur would erase the object.
+            scale = min(1.0, self.image_size / 224)
+            self.blur_sigma = (0.1 * scale, 2.0 * scale)
         for name in ("jitter_p", "grayscale_p", "blur_p_a", "blur_p_b", "solarize_p_a", "solarize_p_b", "flip_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"{name} must be a probability, got {getattr(self, name)}")

@@ -12,6 +12,7 @@ import sys
 from rrcm.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("rrcm.engine.demo:COMMAND", "certify a few Fashion-MNIST test images with the bundled rRCM classifier"),
     "info": ("rrcm.cli:INFO", "print a preset's sizes and parameter counts per part"),
     "pretrain": ("rrcm.train.pretrain:COMMAND", "pre-train an rRCM encoder (contrastive denoising + consistency)"),
     "finetune": ("rrcm.train.finetune:COMMAND", "fine-tune an encoder into a classifier for one noise level"),

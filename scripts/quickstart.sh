@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install rrcm into .venv (CPU torch), then train and certify a small rRCM on Fashion-MNIST end to end.
+# Install rrcm into .venv (CPU torch), certify a few test images with the bundled classifier (rrcm demo),
+# then train and certify a small rRCM on Fashion-MNIST end to end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/quickstart}
@@ -13,6 +14,7 @@ fi
 [ -d /usr/share/datasets/fashion-mnist ] || { echo "Fashion-MNIST missing: apt-get install dataset-fashion-mnist" >&2; exit 2; }
 rrcm=.venv/bin/rrcm
 
+$rrcm demo
 $rrcm pretrain --preset tiny --steps 600 --batch-size 128 --out "$RUN/pretrain"
 $rrcm finetune --init "$RUN/pretrain" --sigma 0.25 --steps 600 --batch-size 128 --out "$RUN/sigma-0.25"
 $rrcm certify --model "$RUN/sigma-0.25" --n0 100 --n 2000 --alpha 0.001 --skip 100 --max 50 --out "$RUN/certify-0.25.tsv"

@@ -181,12 +181,24 @@ def test_cli_radius_rows(tmp_path):
         want = certifier.certify_radius(images[int(idx)], 0.1, 0.01, n0=10, max_samples=300, seed=derive_seed(0, int(idx)))
         assert (int(label), int(predict), bool(int(certified)), int(samples)) == (
             labels[int(idx)], want.prediction, want.certified, want.samples)
-    assert json.loads((tmp_path / "r.tsv.json").read_text())["radius"] == 0.1
+    sidecar = json.loads((tmp_path / "r.tsv.json").read_text())
+    assert sidecar["radius"] == 0.1 and sidecar["beta"] == 1e-3
     # Resume refuses another mode on the same file.
     assert certify(out, "--n0", "10", "--n", "300", "--max", "3", "--alpha", "0.01") == 2
     assert certify(out, "--radius", "0.2", "--n0", "10", "--n", "300", "--max", "3", "--alpha", "0.01") == 2
     assert certify(out, "--radius", "0.1", "--n0", "10", "--n", "300", "--max", "4", "--alpha", "0.01") == 0
     assert len(lines(out)) == 5
+    assert certify(out, "--radius", "0.1", "--beta", "0.01", "--n0", "10", "--n", "300", "--max", "4", "--alpha", "0.01") == 2
+
+
+def test_cli_beta_zero_never_stops_before_the_budget(tmp_path):
+    out = tmp_path / "b.tsv"
+    assert certify(out, "--radius", "0.3", "--beta", "0", "--n0", "10", "--n", "300", "--max", "2", "--alpha", "0.01") == 0
+    assert [(r[3], r[4]) for r in lines(out)[1:]] == [("0", "310")] * 2  # tiny model: not certified at 0.3
+    # The same images with beta 0.1 are given up on early.
+    out = tmp_path / "b2.tsv"
+    assert certify(out, "--radius", "0.3", "--beta", "0.1", "--n0", "10", "--n", "300", "--max", "2", "--alpha", "0.01") == 0
+    assert all(r[3] == "0" and int(r[4]) < 310 for r in lines(out)[1:])
 
 
 def test_cli_adaptive_rows(tmp_path):
@@ -227,6 +239,8 @@ def test_cli_sound(tmp_path):
     (["--radius", "-0.5"], "--radius"), (["--radius", "nan"], "--radius"),
     (["--adaptive", "--tolerance", "0"], "--tolerance"), (["--adaptive", "--tolerance", "-1"], "--tolerance"),
     (["--radius", "0.1", "--adaptive"], "exclude"), (["--tolerance", "0.1"], "--adaptive only"),
+    (["--beta", "0.1"], "--radius only"), (["--radius", "0.1", "--beta", "1"], "--beta"),
+    (["--radius", "0.1", "--beta", "-0.1"], "--beta"),
 ])
 def test_cli_bad_mode_values_exit_2(tmp_path, capsys, extra, message):
     out = tmp_path / "bad.tsv"

@@ -55,6 +55,16 @@ def test_inverse_cdf_hits_every_bin_exactly_on_its_integer_range():
     assert int(inverse_cdf(torch.tensor([2**TABLE_BITS - 1]), sigma)) == GRID
 
 
+@pytest.mark.parametrize("sigma", SIGMAS + (1e-4, 0.03, 37.0))
+def test_guide_table_gives_the_binary_search_answer(sigma):
+    table = cdf_table(sigma)
+    u = torch.randint(0, 2**TABLE_BITS, (300_000,), generator=torch.Generator().manual_seed(2), dtype=torch.int64)
+    edges = torch.cat([table[:-1] - 1, table[:-1], table[:-1] + 1, torch.tensor([0, 2**TABLE_BITS - 1])])
+    u = torch.cat([u, edges.clamp(0, 2**TABLE_BITS - 1)]).view(-1, 2)  # any shape
+    expected = torch.searchsorted(table, u.reshape(-1), right=True, out_int32=True).sub_(GRID).view(u.shape)
+    assert torch.equal(inverse_cdf(u, sigma), expected)
+
+
 def test_uniform_integers_use_all_62_bits():
     u = torch.randint(0, 2**TABLE_BITS, (200_000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
     for bits in (u >> (TABLE_BITS - 4), u & 15, (u >> 30) & 15):

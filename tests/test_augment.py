@@ -171,10 +171,16 @@ def test_pretrain_views(channels, size):
 def test_pretrain_views_resize_and_asymmetry():
     x = images(b=64, size=40)
     simple, a, b = PretrainViews(24, blur_p_a=1.0, blur_p_b=0.0, solarize_p_b=1.0, jitter_p=0.0,
-                                 grayscale_p=0.0)(x, gen())
+                                 grayscale_p=0.0, blur_sigma=(0.1, 2.0))(x, gen())
     assert simple.shape == a.shape == b.shape == (64, 3, 24, 24)
     assert b.max() <= 0.5 + 1e-6  # always solarized
     assert a.std((1, 2, 3)).mean() < b.std((1, 2, 3)).mean()  # always blurred, b never is
+
+
+def test_blur_scales_with_image_size():
+    assert PretrainViews(224).blur_sigma == (0.1, 2.0) and PretrainViews(512).blur_sigma == (0.1, 2.0)
+    assert PretrainViews(28).blur_sigma == pytest.approx((0.0125, 0.25))
+    assert PretrainViews(28, blur_sigma=(1.0, 1.5)).blur_sigma == (1.0, 1.5)
 
 
 def test_bad_input():

@@ -85,6 +85,17 @@ def check_launch(
     return int(seed), offset if in_memory else int(offset)
 
 
+def launch_grid(rows: int, chw: int, offset: int | torch.Tensor, draws_per_counter: int) -> tuple[int, tuple[int, int]]:
+    """(QBLOCK, grid) for a kernel whose program (row, chunk) takes draws_per_counter * QBLOCK consecutive
+    draws starting at a multiple of draws_per_counter (one Philox counter gives that many draws)."""
+    if chw >= 2**31 - draws_per_counter:
+        raise UserError(f"an image of {chw} elements is too large for the sampler")
+    qblock = min(MAX_QBLOCK, max(16, triton.next_power_of_2(-(-chw // draws_per_counter))))
+    # Unless the offset is known and rows start on a counter boundary, a row's draws may straddle one more chunk.
+    aligned = not isinstance(offset, torch.Tensor) and offset % draws_per_counter == 0 and chw % draws_per_counter == 0
+    return qblock, (rows, triton.cdiv(chw + (0 if aligned else draws_per_counter - 1), draws_per_counter * qblock))
+
+
 def write_noisy_inputs(
     out: torch.Tensor,
     images: torch.Tensor,
@@ -111,11 +122,7 @@ def write_noisy_inputs(
     chw = images[0].numel()
     if out.numel() == 0:
         return out
-    if chw >= 2**31 - 4:
-        raise UserError(f"an image of {chw} elements is too large for the sampler")
-    qblock = min(MAX_QBLOCK, max(16, triton.next_power_of_2(-(-chw // 4))))
-    aligned = not in_memory and offset % 4 == 0 and chw % 4 == 0  # else a row's draws may straddle one more chunk
-    grid = (out.shape[0], triton.cdiv(chw + (0 if aligned else 3), 4 * qblock))
+    qblock, grid = launch_grid(out.shape[0], chw, offset, draws_per_counter=4)
     _noisy_inputs_kernel[grid](
         out, images.contiguous(), image_of_row, offset, seed, images.shape[0], chw, sigma, scale, shift,
         OFFSET_IN_MEMORY=in_memory, QBLOCK=qblock,

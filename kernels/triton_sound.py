@@ -18,7 +18,7 @@ import triton.language as tl
 
 from rrcm.errors import UserError
 from rrcm.kernels.sound import GRID, cdf_table, to_grid
-from rrcm.kernels.triton_sampling import MAX_QBLOCK, OUT_DTYPES, check_number, check_launch, image_of_row
+from rrcm.kernels.triton_sampling import OUT_DTYPES, check_launch, check_number, image_of_row, launch_grid
 
 _SEARCH_STEPS = 9  # 2^9 - 1 = 511 table entries
 
@@ -106,11 +106,7 @@ def write_sound_inputs(
     chw = grid_images[0].numel()
     if out.numel() == 0:
         return out
-    if chw >= 2**31 - 2:
-        raise UserError(f"an image of {chw} elements is too large for the sampler")
-    qblock = min(MAX_QBLOCK, max(16, triton.next_power_of_2(-(-chw // 2))))
-    aligned = not in_memory and offset % 2 == 0 and chw % 2 == 0  # else a row's draws may straddle one more chunk
-    grid = (out.shape[0], triton.cdiv(chw + (0 if aligned else 1), 2 * qblock))
+    qblock, grid = launch_grid(out.shape[0], chw, offset, draws_per_counter=2)
     _sound_inputs_kernel[grid](
         out, grid_images.contiguous(), image_of_row, table, offset, seed, grid_images.shape[0], chw,
         _in_dtype(scale / GRID, out.dtype), _in_dtype(shift, out.dtype),

@@ -13,7 +13,8 @@ mkdir -p "$RESULTS"
 
 $rrcm pretrain --preset fmnist-xs --steps 1500 --batch-size 256 --out "$RUN/pretrain"
 for s in 0.25 0.5 1.0; do
-    $rrcm finetune --init "$RUN/pretrain" --sigma $s --epochs 8 --batch-size 256 --out "$RUN/rrcm-$s"
+    # --layer-decay 1.0: the baseline's recipe exactly (the default 0.65 gave 77.8% noisy accuracy at 0.25)
+    $rrcm finetune --init "$RUN/pretrain" --sigma $s --layer-decay 1.0 --epochs 8 --batch-size 256 --out "$RUN/rrcm-$s"
     $rrcm finetune --from-scratch --preset fmnist-xs --sigma $s --epochs 22 --batch-size 256 --out "$RUN/base-$s"
 done
 for m in rrcm base; do

@@ -80,3 +80,15 @@ def test_bad_arguments(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert main(["analyze", a, "--radii", "-1"]) == 2
     assert "radii must be finite and >= 0" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    a = write(tmp_path / "a.tsv", A * 2000)  # a long table, so that writing outlasts the reader
+    proc = subprocess.Popen([sys.executable, "-m", "rrcm", "analyze", a, a, a], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader quits before reading, like `| head` after its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait() in (0, 1) and "Traceback" not in err, err

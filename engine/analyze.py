@@ -56,40 +56,62 @@ def read_certificates(path: str | Path) -> Certificates:
     return Certificates(str(path), values[:, 0].astype(np.int64), values[:, 2] == 1, values[:, 1])
 
 
-def markdown_table(files: list[Certificates], radii) -> str:
-    """Certified accuracy (%) per radius, one column per file plus the best-over-files envelope, then ACR."""
-    acc = np.stack([f.accuracy(radii) for f in files])  # (files, radii)
-    best = len(files) > 1
-    head = ["radius", *(f.name for f in files), *(["best"] if best else [])]
+def markdown_table(files: list[Certificates], radii, versus: list[Certificates] | None = None) -> str:
+    """Certified accuracy (%) per radius, one column per file plus the best-over-files envelope, then ACR.
+
+    With `versus` (a second method's files, e.g. a baseline's), its columns and envelope follow, and a last
+    column gives the difference of the two envelopes.
+    """
+    groups = [files] + ([versus] if versus else [])
+    head, columns, acrs, images, envelopes = ["radius"], [], [], [], []
+    for k, group in enumerate(groups):
+        acc = np.stack([f.accuracy(radii) for f in group])  # (files, radii)
+        head += [f.name for f in group]
+        columns += [[f"{100 * a:.1f}" for a in row] for row in acc]
+        acrs += [f"{f.acr():.3f}" for f in group]
+        images += [str(len(f.idx)) for f in group]
+        if len(group) > 1 or versus:
+            envelopes.append(acc.max(axis=0))
+            head.append("best" if k == 0 else "best (versus)")
+            columns.append([f"{100 * a:.1f}" for a in envelopes[-1]])
+            acrs.append("")
+            images.append("")
+    if versus:
+        head.append("difference")
+        columns.append([f"{100 * (a - b):+.1f}" for a, b in zip(*envelopes)])
+        acrs.append("")
+        images.append("")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for j, r in enumerate(radii):
-        cells = [f"{100 * a:.1f}" for a in acc[:, j]] + ([f"{100 * acc[:, j].max():.1f}"] if best else [])
-        lines.append(f"| {r:g} | " + " | ".join(cells) + " |")
-    lines.append("| ACR | " + " | ".join(f"{f.acr():.3f}" for f in files) + (" | |" if best else " |"))
-    lines.append("| images | " + " | ".join(str(len(f.idx)) for f in files) + (" | |" if best else " |"))
+    lines += [f"| {r:g} | " + " | ".join(col[j] for col in columns) + " |" for j, r in enumerate(radii)]
+    lines.append("| ACR | " + " | ".join(acrs) + " |")
+    lines.append("| images | " + " | ".join(images) + " |")
     return "\n".join(lines)
 
 
-def plot(files: list[Certificates], out: str | Path) -> None:
-    """Certified accuracy against radius, one curve per file and the envelope, saved to `out`."""
+def plot(files: list[Certificates], out: str | Path, versus: list[Certificates] | None = None) -> None:
+    """Certified accuracy against radius, one curve per file and the envelope (`versus` files dashed), saved to `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    top = max(float(f.radius.max()) for f in files)
+    groups = [files] + ([versus] if versus else [])
+    top = max(float(f.radius.max()) for group in groups for f in group)
     grid = np.linspace(0.0, max(top, 1e-3) * 1.05, 400)
-    curves = np.stack([f.accuracy(grid) for f in files])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for f, curve in zip(files, curves):
-        ax.plot(grid, curve, label=f.name)
-    if len(files) > 1:
-        ax.plot(grid, curves.max(axis=0), "k--", label="best")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for k, group in enumerate(groups):
+        curves = np.stack([f.accuracy(grid) for f in group])
+        style = "-" if k == 0 else ":"
+        for f, curve in zip(group, curves):
+            ax.plot(grid, curve, style, alpha=0.6, label=f.name)
+        if len(group) > 1 or versus:
+            ax.plot(grid, curves.max(axis=0), "k-" if k == 0 else "k--", linewidth=2,
+                    label="best" if k == 0 else "best (versus)")
     ax.set_xlabel("L2 radius")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     try:
         fig.savefig(out, dpi=120)
@@ -107,6 +129,9 @@ class _Analyze:
         p.add_argument("files", nargs="+", metavar="FILE.tsv", help="TSVs from 'rrcm certify' (or Cohen et al.'s certify.py)")
         p.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII),
                        help="radii of the table's rows (default: 0 0.25 0.5 0.75 1 1.5 2)")
+        p.add_argument("--versus", nargs="+", default=None, metavar="FILE.tsv",
+                       help="a second method's TSVs (e.g. a baseline's), side by side with its own envelope and the "
+                            "difference of the two envelopes")
         p.add_argument("--plot", default=None, metavar="OUT.png", help="also save a plot of certified accuracy against radius")
 
     @staticmethod
@@ -114,11 +139,12 @@ class _Analyze:
         if any(not (r >= 0 and np.isfinite(r)) for r in args.radii):
             raise UserError(f"radii must be finite and >= 0, got {args.radii}")
         files = [read_certificates(path) for path in args.files]
-        if len({tuple(np.sort(f.idx)) for f in files}) > 1:
+        versus = [read_certificates(path) for path in args.versus] if args.versus else None
+        if len({tuple(np.sort(f.idx)) for f in files + (versus or [])}) > 1:
             print("note: the files certify different images; the best column mixes them", flush=True)
-        print(markdown_table(files, args.radii))
+        print(markdown_table(files, args.radii, versus))
         if args.plot:
-            plot(files, args.plot)
+            plot(files, args.plot, versus)
             print(f"plot: {args.plot}")
         return 0
 

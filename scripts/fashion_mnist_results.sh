@@ -23,12 +23,13 @@ for m in rrcm base; do
             --out "$RESULTS/$m-$s.tsv"
     done
 done
-$rrcm analyze "$RESULTS"/rrcm-{0.25,0.5,1.0}.tsv    # the README's table: these two, side by side
-$rrcm analyze "$RESULTS"/base-{0.25,0.5,1.0}.tsv
-$rrcm analyze "$RESULTS"/{rrcm,base}-{0.25,0.5,1.0}.tsv --plot "$RESULTS/certified-accuracy.png"
+$rrcm analyze "$RESULTS"/rrcm-{0.25,0.5,1.0}.tsv --versus "$RESULTS"/base-{0.25,0.5,1.0}.tsv \
+    --plot "$RESULTS/certified-accuracy.png"
 # The bundled classifiers are the rRCM ones, in rrcm/weights/fashion-mnist/sigma-{0.25,0.5,1}/.
 for s in 0.25 0.5 1.0; do
     dest="rrcm/weights/fashion-mnist/sigma-$(python3 -c "print(f'{$s:g}')")"
     mkdir -p "$dest"
-    cp "$RUN/rrcm-$s/model.safetensors" "$RUN/rrcm-$s/config.json" "$dest/"
+    cp "$RUN/rrcm-$s/model.safetensors" "$dest/"
+    python3 -c "import json, sys; c = json.load(open(sys.argv[1])); c['init'] = sys.argv[3]; json.dump(c, open(sys.argv[2], 'w'), indent=2)" \
+        "$RUN/rrcm-$s/config.json" "$dest/config.json" "$RUN/pretrain"
 done

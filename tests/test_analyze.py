@@ -31,9 +31,27 @@ def test_table_with_envelope_and_acr(tmp_path, capsys):
         "| 1 | 0.0 | 20.0 | 20.0 |",
         "| 1.5 | 0.0 | 0.0 | 0.0 |",
         "| 2 | 0.0 | 0.0 | 0.0 |",
-        "| ACR | 0.270 | 0.380 | |",  # (0.3 + 0.8 + 0.25) / 5 and (0.6 + 1.2 + 0.1) / 5; wrong predictions count 0
-        "| images | 5 | 5 | |",
+        "| ACR | 0.270 | 0.380 |  |",  # (0.3 + 0.8 + 0.25) / 5 and (0.6 + 1.2 + 0.1) / 5; wrong predictions count 0
+        "| images | 5 | 5 |  |",
     ]
+
+
+def test_versus_puts_two_methods_side_by_side(tmp_path, capsys):
+    a, b = write(tmp_path / "a.tsv", A), write(tmp_path / "b.tsv", B)
+    plot = tmp_path / "both.png"
+    assert main(["analyze", a, "--versus", b, "--radii", "0", "0.25", "1", "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table == [
+        f"| radius | {a} | best | {b} | best (versus) | difference |",
+        "|---|---|---|---|---|---|",
+        "| 0 | 60.0 | 60.0 | 80.0 | 80.0 | -20.0 |",
+        "| 0.25 | 60.0 | 60.0 | 40.0 | 40.0 | +20.0 |",
+        "| 1 | 0.0 | 0.0 | 20.0 | 20.0 | -20.0 |",
+        "| ACR | 0.270 |  | 0.380 |  |  |",
+        "| images | 5 |  | 5 |  |  |",
+        f"plot: {plot}",
+    ]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_custom_radii_single_file_and_plot(tmp_path, capsys):

@@ -52,7 +52,7 @@ class _Demo:
         results = certifier.certify_many(images, args.n0, args.n, args.alpha, [derive_seed(args.seed, i) for i in idx])
         seconds = time.perf_counter() - start
 
-        print(f"\n| idx | label | prediction | radius | correct |\n|---|---|---|---|---|")
+        print("\n| idx | label | prediction | radius | correct |\n|---|---|---|---|---|")
         for i, label, r in zip(idx, labels.tolist(), results):
             predicted = "abstain" if r.prediction == Certifier.ABSTAIN else names[r.prediction]
             print(f"| {i} | {names[label]} | {predicted} | {round_down(r.radius):.4f} | {int(r.prediction == label)} |")

@@ -146,6 +146,13 @@ def image_of_row(repeats: torch.Tensor | list[int], num_images: int, device: tor
     return rows.to(device)
 
 
+def empty_batch(rows: torch.Tensor, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The uninitialized (len(rows), C, H, W) output of a sampler launch, in one of OUT_DTYPES."""
+    if dtype not in OUT_DTYPES:
+        raise UserError(f"dtype must be one of {OUT_DTYPES}, got {dtype}")
+    return torch.empty((rows.numel(), *images.shape[1:]), dtype=dtype, device=images.device)
+
+
 def noisy_inputs_triton(
     images: torch.Tensor,
     repeats: torch.Tensor | list[int],
@@ -165,8 +172,5 @@ def noisy_inputs_triton(
     if images.dim() != 4:
         raise UserError(f"images must be (k, C, H, W), got shape {tuple(images.shape)}")
     rows = image_of_row(repeats, images.shape[0], images.device)
-    dtype = images.dtype if dtype is None else dtype
-    if dtype not in OUT_DTYPES:
-        raise UserError(f"dtype must be one of {OUT_DTYPES}, got {dtype}")
-    out = torch.empty((rows.numel(), *images.shape[1:]), dtype=dtype, device=images.device)
+    out = empty_batch(rows, images, images.dtype if dtype is None else dtype)
     return write_noisy_inputs(out, images, rows, sigma, seed, offset, scale, shift)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from rrcm.errors import UserError
 from rrcm.kernels.sound import GRID, cdf_table, to_grid
-from rrcm.kernels.triton_sampling import OUT_DTYPES, check_launch, check_number, image_of_row, launch_grid
+from rrcm.kernels.triton_sampling import check_launch, check_number, empty_batch, image_of_row, launch_grid
 
 _SEARCH_STEPS = 9  # 2^9 - 1 = 511 table entries
 
@@ -141,7 +141,5 @@ def sound_noisy_inputs_triton(
     rows = image_of_row(repeats, images.shape[0], images.device)
     if dtype is None:
         dtype = images.dtype if images.is_floating_point() else torch.get_default_dtype()
-    if dtype not in OUT_DTYPES:
-        raise UserError(f"dtype must be one of {OUT_DTYPES}, got {dtype}")
-    out = torch.empty((rows.numel(), *images.shape[1:]), dtype=dtype, device=images.device)
+    out = empty_batch(rows, images, dtype)
     return write_sound_inputs(out, grid_images, rows, sigma, seed, offset, scale, shift)

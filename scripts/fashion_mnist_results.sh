@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/fashion-mnist}
 RESULTS=${RESULTS:-benchmarks/results/fashion-mnist}
-rrcm=${RRCM:-.venv/bin/rrcm}
+rrcm=$(realpath "${RRCM:-.venv/bin/rrcm}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$RESULTS"
 
@@ -23,8 +23,7 @@ for m in rrcm base; do
             --out "$RESULTS/$m-$s.tsv"
     done
 done
-$rrcm analyze "$RESULTS"/rrcm-{0.25,0.5,1.0}.tsv --versus "$RESULTS"/base-{0.25,0.5,1.0}.tsv \
-    --plot "$RESULTS/certified-accuracy.png"
+(cd "$RESULTS" && $rrcm analyze rrcm-{0.25,0.5,1.0}.tsv --versus base-{0.25,0.5,1.0}.tsv --plot certified-accuracy.png)
 # The bundled classifiers are the rRCM ones, in rrcm/weights/fashion-mnist/sigma-{0.25,0.5,1}/.
 for s in 0.25 0.5 1.0; do
     dest="rrcm/weights/fashion-mnist/sigma-$(python3 -c "print(f'{$s:g}')")"
@@ -33,3 +32,15 @@ for s in 0.25 0.5 1.0; do
     python3 -c "import json, sys; c = json.load(open(sys.argv[1])); c['init'] = sys.argv[3]; json.dump(c, open(sys.argv[2], 'w'), indent=2)" \
         "$RUN/rrcm-$s/config.json" "$dest/config.json" "$RUN/pretrain"
 done
+
+# Fewer samples (README "Fewer samples"): the bundled sigma = 0.5 classifier, a decision at r against fixed
+# N = 100,000 on the same 500 images (the same noise seeds: derive_seed(seed, idx)).
+for r in 0.25 0.5 1.0; do
+    $rrcm certify --model fashion-mnist --sigma 0.5 --radius $r --n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 \
+        --seed 0 --out "$RESULTS/decision-r-$r-sigma-0.5.tsv"
+done
+$rrcm certify --model fashion-mnist --sigma 0.5 --n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 --seed 0 \
+    --out "$RESULTS/fixed-n100000-sigma-0.5-skip20.tsv"
+"$(dirname "$rrcm")/python" benchmarks/fewer_samples.py --fixed "$RESULTS/fixed-n100000-sigma-0.5-skip20.tsv" \
+    --decision 0.25="$RESULTS/decision-r-0.25-sigma-0.5.tsv" 0.5="$RESULTS/decision-r-0.5-sigma-0.5.tsv" \
+    1.0="$RESULTS/decision-r-1.0-sigma-0.5.tsv" --out benchmarks/results/fewer-samples-cpu.json

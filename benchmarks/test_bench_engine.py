@@ -5,8 +5,8 @@ Run: python -m pytest benchmarks/test_bench_engine.py --benchmark-only --benchma
 On a CPU shared with other jobs, wall-clock figures mostly measure the neighbours; per-core figures
 are steadier: OMP_NUM_THREADS=1 ... --benchmark-timer time.process_time.
 
-Models: the fmnist-s classifier (2.7M parameters, 28 px, 50 tokens) with random weights, and the bundled
-sigma = 0.25 classifier (fmnist-xs, 0.15M parameters, 17 tokens), where the reference loop's per-batch
+Models: the fmnist-s classifier (2.7M parameters, 28 px, 51 tokens) with random weights, and the bundled
+sigma = 0.25 classifier (fmnist-xs, 0.15M parameters, 18 tokens), where the reference loop's per-batch
 overheads weigh more against the forward; one Fashion-MNIST test image. Each round is one CERTIFY of n0 + n = SAMPLES noisy samples.
 The reference is written the way Cohen et al.'s core.py works: repeat the image, `randn_like * sigma`,
 fp32 eager forward of the pixel-space classifier, argmax, counts in a Python loop, batch 500.

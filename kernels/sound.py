@@ -12,10 +12,10 @@ Support: |i| <= 255 with each tail folded into its last bin. This is exact, not 
 Sampling: inverse CDF over uniform integers u in [0, 2^62) against an integer table T_i = round(2^62 F(i)),
 F computed with 128-bit mpmath (torch.randint reduces 64 random bits mod 2^62: exactly uniform on CPU and CUDA).
 A guide table over the top GUIDE_BITS bits of u answers most draws with one comparison (below); the
-answer is always the binary search's. Each table entry is within 2^-63 of the true CDF, so the sampled law is within total variation
-510 * 2^-63 (= TV_PER_PIXEL, 5.5e-17) of the exact one per pixel, and within num_pixels * TV_PER_PIXEL per noisy
-image: a certificate from n samples holds for the exact smoothing after subtracting that from p_lower
-(8e-12 for a 224 x 224 x 3 image; a 2^31-level table would give 0.02).
+answer is always the binary search's. Each table entry is within 2^-63 of the true CDF, so the sampled
+law is within total variation 510 * 2^-63 (= TV_PER_PIXEL, 5.5e-17) of the exact one per pixel, and within
+num_pixels * TV_PER_PIXEL per noisy image: a certificate from n samples holds for the exact smoothing
+after subtracting that from p_lower (8e-12 for a 224 x 224 x 3 image; a 2^31-level table would give 0.02).
 """
 from __future__ import annotations
 

@@ -93,16 +93,9 @@ class Finetuner:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
         self.order = loop.BatchOrder(len(data), args.batch_size, args.seed)
 
-    def state(self, step: int) -> dict:
-        return {"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": loop.rng_state()}
-
-    def load_state(self, state: dict) -> int:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        loop.set_rng_state(state["rng"])
-        return int(state["step"])
+    def parts(self) -> dict:
+        """What a saved training state holds, by name."""
+        return {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler}
 
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         env, dev = self.env, self.env.device
@@ -184,7 +177,7 @@ def finetune(args: argparse.Namespace, env: DistEnv) -> int:
     folder = loop.RunFolder(args.out, "classifier", recipe, env)
     trainer = Finetuner(cfg, init, data, args, env, precision, steps, layer_decay)
     state = folder.resume()
-    start = trainer.load_state(state) if state is not None else 0
+    start = loop.load_training_state(state, trainer.parts()) if state is not None else 0
     meta = dict(kind="classifier", sigma=args.sigma, dataset=cfg.dataset, init=recipe["init"])
     if env.is_main:
         what = f"resuming at step {start}" if start else "starting"
@@ -195,7 +188,7 @@ def finetune(args: argparse.Namespace, env: DistEnv) -> int:
     def save(step: int) -> None:
         if env.is_main:
             save_checkpoint(args.out, trainer.model, cfg, step=step, **meta)
-        folder.save_state(trainer.state(step))
+        folder.save_state(loop.training_state(step, trainer.parts()))
 
     settings = loop.LoopSettings(steps, warmup, args.lr, args.batch_size, args.log_every, args.save_every)
     t0 = time.perf_counter()

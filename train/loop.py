@@ -278,6 +278,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
+def training_state(step: int, parts: dict) -> dict:
+    """What resuming at `step` needs: each part's state_dict() under its name (model, optimizer, ...) and the RNGs."""
+    return {"step": step, **{name: part.state_dict() for name, part in parts.items()}, "rng": rng_state()}
+
+
+def load_training_state(state: dict, parts: dict) -> int:
+    """Restore `parts` and the RNGs from a `training_state`; returns its step."""
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
 # --- the step loop ---------------------------------------------------------------------------------
 
 @dataclass

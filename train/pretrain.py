@@ -106,17 +106,9 @@ class Pretrainer:
         self.order = loop.BatchOrder(len(data), args.batch_size, args.seed)
         self.views = PretrainViews(image_size=cfg.image_size)
 
-    def state(self, step: int) -> dict:
-        return {"step": step, "model": self.encoder.state_dict(), "target": self.target.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": loop.rng_state()}
-
-    def load_state(self, state: dict) -> int:
-        self.encoder.load_state_dict(state["model"])
-        self.target.load_state_dict(state["target"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        loop.set_rng_state(state["rng"])
-        return int(state["step"])
+    def parts(self) -> dict:
+        """What a saved training state holds, by name."""
+        return {"model": self.encoder, "target": self.target, "optimizer": self.optimizer, "scaler": self.scaler}
 
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         env, dev = self.env, self.env.device
@@ -169,7 +161,7 @@ def pretrain(args: argparse.Namespace, env: DistEnv) -> int:
     data = loop.load_train_data(args, cfg)
     trainer = Pretrainer(cfg, data, args, env, precision)
     state = folder.resume()
-    start = trainer.load_state(state) if state is not None else 0
+    start = loop.load_training_state(state, trainer.parts()) if state is not None else 0
     if env.is_main:
         what = f"resuming at step {start}" if start else "starting"
         print(f"rrcm pretrain: {cfg.dataset} ({len(data)} images), {args.steps} steps of {args.batch_size}, "
@@ -178,7 +170,7 @@ def pretrain(args: argparse.Namespace, env: DistEnv) -> int:
     def save(step: int) -> None:
         if env.is_main:
             save_checkpoint(args.out, trainer.encoder, cfg, kind="encoder", step=step, dataset=cfg.dataset)
-        folder.save_state(trainer.state(step))
+        folder.save_state(loop.training_state(step, trainer.parts()))
 
     settings = loop.LoopSettings(args.steps, warmup, args.lr, args.batch_size, args.log_every, args.save_every, clip=2.0)
     t0 = time.perf_counter()

@@ -5,7 +5,9 @@ and every collective is the identity, so the training code has one path.
 """
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +68,15 @@ def teardown() -> None:
     # leaving lets torchrun stop them.
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_in_process_group(train: Callable[[argparse.Namespace, DistEnv], int], args: argparse.Namespace) -> int:
+    """`train(args, env)` inside the process group of `setup(args.device)`, left again however it ends."""
+    env = setup(args.device)
+    try:
+        return train(args, env)
+    finally:
+        teardown()
 
 
 def _active() -> bool:

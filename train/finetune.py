@@ -24,7 +24,7 @@ from rrcm.model import Classifier
 from rrcm.presets import ModelConfig
 from rrcm.schedule import grid_time_for_sigma, time_for_sigma
 from rrcm.train import loop
-from rrcm.train.distributed import DistEnv, setup, teardown
+from rrcm.train.distributed import DistEnv, run_in_process_group
 from rrcm.train.losses import consistency_finetune_loss
 
 COPIES = 2
@@ -134,11 +134,7 @@ class _Finetune:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        env = setup(args.device)
-        try:
-            return finetune(args, env)
-        finally:
-            teardown()
+        return run_in_process_group(finetune, args)
 
 
 def encoder_config(init: str) -> ModelConfig:

@@ -25,7 +25,7 @@ from rrcm.model import Encoder
 from rrcm.presets import ModelConfig
 from rrcm.schedule import T_MIN, karras_times, num_scales, target_ema
 from rrcm.train import loop
-from rrcm.train.distributed import DistEnv, gather_keys, global_batchnorm, setup, shared_randint, teardown
+from rrcm.train.distributed import DistEnv, gather_keys, global_batchnorm, run_in_process_group, shared_randint
 from rrcm.train.losses import TEMPERATURE, info_nce, symmetric_info_nce
 
 NOISE, VIEWS, TIME = 1, 2, 3  # random streams of a step
@@ -138,11 +138,7 @@ class _Pretrain:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        env = setup(args.device)
-        try:
-            return pretrain(args, env)
-        finally:
-            teardown()
+        return run_in_process_group(pretrain, args)
 
 
 def recipe(args: argparse.Namespace, cfg: ModelConfig, warmup: int) -> dict:

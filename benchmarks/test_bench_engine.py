@@ -10,6 +10,8 @@ sigma = 0.25 classifier (fmnist-xs, 0.15M parameters, 18 tokens), where the refe
 overheads weigh more against the forward; one Fashion-MNIST test image. Each round is one CERTIFY of n0 + n = SAMPLES noisy samples.
 The reference is written the way Cohen et al.'s core.py works: repeat the image, `randn_like * sigma`,
 fp32 eager forward of the pixel-space classifier, argmax, counts in a Python loop, batch 500.
+Engines: fp32, bf16 and int8 (static quantization calibrated on 512 noisy training images) certify the
+classifier at that precision; torch.compile on a CPU freezes the weights.
 extra_info: samples_per_s (best round: the others share these cores), speedup over the reference
 measured in the same run, threads, load average (1 minute, at the end of the case).
 """
@@ -24,6 +26,7 @@ import torch
 from rrcm.classifier import NoisyImageClassifier, load_classifier
 from rrcm.data import load_dataset
 from rrcm.engine import Certifier
+from rrcm.engine.quantize import dataset_calibration
 from rrcm.model import Classifier
 from rrcm.presets import get_preset
 
@@ -90,6 +93,7 @@ ENGINES = {  # name: (batch size, Certifier options); 128 keeps a batch's activa
     "onnxruntime": (128, {"backend": "onnxruntime"}),
     "torch-bf16": (128, {"dtype": torch.bfloat16}),
     "torch-compile-bf16": (128, {"compile": True, "dtype": torch.bfloat16}),
+    "torch-int8": (128, {"dtype": torch.int8}),
 }
 
 
@@ -98,6 +102,10 @@ def test_engine(benchmark, classifier, image, name):
     batch, options = ENGINES[name]
     if options.get("backend") == "onnxruntime":
         options = {**options, "threads": torch.get_num_threads()}  # as many as torch uses (OMP_NUM_THREADS)
+    if options.get("dtype") == torch.int8:
+        pytest.importorskip("torchao")
+        calibration = dataset_calibration(load_dataset("fashion-mnist", "train"), SIGMA)
+        options = {**options, "calibration": calibration, "static_batch": batch}
     certifier = Certifier(classifier, 10, SIGMA, batch_size=batch, **options)
     result = benchmark.pedantic(certifier.certify, args=(image, N0, SAMPLES - N0, 0.001), kwargs={"seed": 0},
                                 rounds=ROUNDS, warmup_rounds=1)

@@ -7,6 +7,7 @@ sampler applies while it adds noise), `input_dtype`, and `info` (what the model 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rrcm.classifier import ModelInput
 from rrcm.errors import UserError
 
 
@@ -33,24 +35,48 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def run_padded(run, batch: torch.Tensor, size: int | None) -> torch.Tensor:
+    """`run` on chunks of exactly `size` rows, the last one zero-padded: for graphs built for one batch size."""
+    if size is None or len(batch) == size:
+        return run(batch)
+    chunks = []
+    for chunk in batch.split(size):
+        rows = len(chunk)
+        if rows < size:
+            chunk = torch.cat([chunk, chunk.new_zeros((size - rows, *chunk.shape[1:]))])
+        chunks.append(run(chunk)[:rows])
+    return torch.cat(chunks)
+
+
 class TorchBackend:
-    """A torch module in eager mode or through `torch.compile`, in float32 or a lower `dtype`.
+    """A torch module in eager mode or through `torch.compile`, in float32, a lower float `dtype`, or int8.
 
     A model with `forward_model_input` and `input_scale` / `input_shift` (NoisyImageClassifier) gets
     model-space inputs, so normalization happens while the noise is written; any other module is
-    called on pixel-space noisy images.
+    called on pixel-space noisy images. On a CPU, compiled graphs freeze the weights (Inductor's
+    `freezing`: constant folding and oneDNN weight prepacking).
+    dtype=torch.int8 (x86 CPUs, needs torchao): static int8 quantization (`rrcm.engine.quantize`)
+    calibrated on `calibration`, noisy pixel-space images (k, C, H, W), always compiled, for
+    batches of `static_batch` rows (others are split and padded).
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", *, compile: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, calibration: torch.Tensor | None = None, static_batch: int = 128):
         if isinstance(model, (str, Path)):
             raise UserError(f"{model}: the torch backend runs a loaded model; use the onnxruntime backend for .onnx files")
         self.device = torch.device(device)
-        self.input_dtype = dtype
+        int8 = dtype == torch.int8
+        if int8 and self.device.type != "cpu":
+            raise UserError("int8 runs on x86 CPUs; on a GPU use bf16")
+        if int8 and calibration is None:
+            raise UserError("int8 needs calibration: noisy images (k, C, H, W), e.g. quantize.noisy_calibration(...)")
+        if int8 and (isinstance(static_batch, bool) or not isinstance(static_batch, int) or static_batch < 1):
+            raise UserError(f"batch size must be an integer >= 1, got {static_batch!r}")
+        self.input_dtype = torch.float32 if int8 else dtype
         if isinstance(model, nn.Module):
-            if dtype != torch.float32:
+            if dtype not in (torch.float32, torch.int8):
                 model = copy.deepcopy(model).to(dtype)  # leave the caller's module as it was
             model = model.to(self.device).eval()
         shape = getattr(model, "input_shape", None)
@@ -59,15 +85,28 @@ class TorchBackend:
                               getattr(getattr(model, "cfg", None), "dataset", None))
         if hasattr(model, "forward_model_input") and hasattr(model, "input_scale"):
             self.input_scale, self.input_shift = float(model.input_scale), float(model.input_shift)
-            fn = model.forward_model_input
+            fn = ModelInput(model)
         else:
             self.input_scale, self.input_shift = 1.0, 0.0
             fn = model
-        self._fn = torch.compile(fn) if compile else fn
+        self.static_batch = static_batch if int8 else None
+        if (compile or int8) and self.device.type == "cpu":
+            from torch._inductor import config as inductor
+
+            self._context = lambda: inductor.patch(freezing=True)
+        else:
+            self._context = contextlib.nullcontext
+        if int8:
+            from rrcm.engine.quantize import quantize_int8
+
+            calibration = torch.as_tensor(calibration, dtype=torch.float32) * self.input_scale + self.input_shift
+            self._fn = quantize_int8(fn, calibration, static_batch)
+        else:
+            self._fn = torch.compile(fn) if compile else fn
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self._fn(batch).float()
+        with torch.no_grad(), self._context():  # not inference_mode: compiled graphs would recompile for its tensors
+            return run_padded(self._fn, batch, self.static_batch).float()
 
 
 class OnnxRuntimeBackend:
@@ -145,16 +184,7 @@ class OnnxRuntimeBackend:
         return logits
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        size = self.static_batch
-        if size is None or len(batch) == size:
-            return self._run(batch).float()
-        chunks = []
-        for chunk in batch.split(size):
-            rows = len(chunk)
-            if rows < size:
-                chunk = torch.cat([chunk, chunk.new_zeros((size - rows, *chunk.shape[1:]))])
-            chunks.append(self._run(chunk)[:rows])
-        return torch.cat(chunks).float()
+        return run_padded(self._run, batch, self.static_batch).float()
 
 
 BACKENDS = {

@@ -9,7 +9,7 @@ import torch
 
 from rrcm.errors import UserError
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def _sha256(paths: list[Path]) -> str:
@@ -83,7 +83,9 @@ class _Command:
                        help="sound sampling: noise rounded to the 1/255 grid of 8-bit images (Voracek & Hein, 2023), "
                             "no floating-point holes in the certificate; off-grid images are refused")
         p.add_argument("--precision", default="fp32",
-                       help="torch backend: fp32 or bf16 (the certificate is then for the bf16 classifier; default fp32)")
+                       help="torch backend: fp32, bf16, or int8 (x86 CPUs, needs torchao: static quantization calibrated "
+                            "on 512 noisy training images); the certificate is for the classifier at that precision "
+                            "(default fp32)")
         p.add_argument("--out", required=True,
                        help="TSV to write (idx label predict [radius] correct time, or as the modes above say); rerun to resume")
 
@@ -115,6 +117,12 @@ class _Command:
         rank, world, device = runner.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             model, fingerprint = load_model(args.model, args.sigma, device)
+            batch = args.batch if args.batch is not None else (1000 if device.type == "cuda" else 128)
+            if args.precision == "int8":
+                from rrcm.engine.quantize import dataset_calibration
+
+                train = load_dataset(args.dataset or model.cfg.dataset, "train", args.data_dir)
+                options.update(calibration=dataset_calibration(train, model.sigma), static_batch=batch)
             backend = make_backend(model, device, args.backend, **options)
             info = backend.info
             sigma = args.sigma if args.sigma is not None else info.sigma
@@ -126,7 +134,6 @@ class _Command:
             dataset = load_dataset(dataset_name, "test", args.data_dir)
             if info.num_classes is not None and info.num_classes != dataset.num_classes:
                 raise UserError(f"{args.model} has {info.num_classes} classes, {dataset_name} has {dataset.num_classes}")
-            batch = args.batch if args.batch is not None else (1000 if device.type == "cuda" else 128)
             certifier = Certifier(model, dataset.num_classes, sigma, batch_size=batch, backend=backend, sound=args.sound)
             if certifier.input_shape is None:
                 certifier.check_input(dataset.input_shape, args.model)

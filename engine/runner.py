@@ -32,8 +32,9 @@ HEADERS = {
     "radius": "idx\tlabel\tpredict\tcertified\tsamples\ttime",  # certify --radius
 }
 MODES = ("certify", "predict")
-# Sidecar keys that may change between a run and its resumption: they do not change what a row means.
-RESUMABLE_CHANGES = ("model", "max", "batch", "backend", "device", "data_dir", "precision", "compile")
+# Sidecar keys that may change between a run and its resumption: they do not change what a row means
+# (precision does: its rows certify another classifier).
+RESUMABLE_CHANGES = ("model", "max", "batch", "backend", "device", "data_dir", "compile")
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,10 @@ import zipfile
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 import rrcm
-from rrcm.classifier import NoisyImageClassifier, load_classifier
+from rrcm.classifier import ModelInput, NoisyImageClassifier, load_classifier
 from rrcm.engine.backends import ModelInfo, _first_line
 from rrcm.errors import UserError
 from rrcm.export.onnx import PREFIX, backend_agreement, from_metadata, to_metadata
@@ -38,17 +37,6 @@ def package_metadata(classifier: NoisyImageClassifier, device: str, batch: int |
         "torch_version": torch.__version__,
     }
     return {**to_metadata(info), **{PREFIX + k: v for k, v in extra.items()}}
-
-
-class ModelInput(nn.Module):
-    """The exported function: a classifier's `forward_model_input`."""
-
-    def __init__(self, classifier: NoisyImageClassifier):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.classifier.forward_model_input(u)
 
 
 def check_device(device: str) -> None:

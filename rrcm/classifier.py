@@ -50,6 +50,17 @@ class NoisyImageClassifier(nn.Module):
         return self.forward_model_input(x * self.input_scale + self.input_shift)
 
 
+class ModelInput(nn.Module):
+    """A classifier's `forward_model_input` as a module's forward, for torch.export and quantization."""
+
+    def __init__(self, classifier: NoisyImageClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.classifier.forward_model_input(u)
+
+
 def _bundled_folder(name: str, sigma: float | None) -> Path:
     sigmas = BUNDLED_SIGMAS[name]
     if sigma is None or not any(math.isclose(sigma, s) for s in sigmas):

@@ -1,0 +1,77 @@
+"""Static int8 quantization of a classifier for x86 CPUs: PT2E with torchao's X86InductorQuantizer,
+compiled by Inductor with frozen weights, so matrix products run in oneDNN's int8 kernels (VNNI where the
+CPU has it).
+
+Static: activation scales are fixed by calibration, so a sample's logits depend on that sample alone and
+the Monte-Carlo samples of a certificate stay independent; dynamic quantization would scale every
+activation by its whole batch. The certificate is for the quantized classifier;
+`rrcm.export.onnx.backend_agreement` measures how often it agrees with the float one.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+from torch._inductor import config as inductor
+
+from rrcm.errors import UserError
+
+CALIBRATION_IMAGES = 512
+
+
+def noisy_calibration(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    """Pixel-space calibration inputs: `images` (k, C, H, W) in [0, 1] plus Gaussian noise of std `sigma`."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.as_tensor(images, dtype=torch.float32)
+    return images + sigma * torch.randn(images.shape, generator=generator)
+
+
+def dataset_calibration(dataset, sigma: float, count: int = CALIBRATION_IMAGES, seed: int = 0) -> torch.Tensor:
+    """`noisy_calibration` of `count` images of `dataset` (an `rrcm.data.ImageDataset`) drawn at random."""
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return noisy_calibration(torch.stack([dataset[int(i)][0] for i in picks]), sigma, seed)
+
+
+def _torchao_pt2e():
+    # torchao warns about each CUDA extension a CPU build cannot load, torch about torchao's pytree types
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError:
+        raise UserError("int8 needs torchao: pip install 'rrcm[int8]'") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return x86, prepare_pt2e, convert_pt2e
+
+
+def quantize_int8(module: nn.Module, calibration: torch.Tensor, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module` (model inputs -> logits) quantized to int8 on `calibration` model inputs (k, C, H, W) and
+    compiled for batches of exactly `batch` rows, to be called under `torch.no_grad()`."""
+    x86, prepare_pt2e, convert_pt2e = _torchao_pt2e()
+    if calibration.dim() != 4 or len(calibration) == 0 or not torch.isfinite(calibration).all():
+        raise UserError(f"int8 calibration must be finite images (k, C, H, W), got shape {tuple(calibration.shape)}")
+    # Calibration in chunks of exactly `batch` rows (the exported graph's batch), wrapping around.
+    chunks = calibration[torch.arange(-(-len(calibration) // batch) * batch) % len(calibration)].split(batch)
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    try:
+        with torch.no_grad():
+            graph = torch.export.export(module.eval(), (chunks[0],)).module()
+            prepared = prepare_pt2e(graph, quantizer)
+            for chunk in chunks:
+                prepared(chunk)
+            quantized = torch.compile(convert_pt2e(prepared), dynamic=False)
+            with inductor.patch(freezing=True), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Inductor's own deprecation notices while it lowers int8 ops
+                quantized(chunks[0])  # compile now, once
+    except Exception as e:  # export and Inductor raise many types for a model or inputs they cannot take
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"int8 quantization failed on calibration inputs of shape {tuple(calibration.shape[1:])}: {first}") from None
+    return quantized

@@ -79,7 +79,8 @@ class Certifier:
     model: a torch module mapping noisy pixel-space batches (N, C, H, W) to logits (N, num_classes), e.g.
     `rrcm.load_classifier(...)`; or a path to an .onnx file. backend: a name in `backends.BACKENDS`
     (default: onnxruntime for a path, torch for a module) made with `backend_options` (torch: compile=True,
-    dtype=torch.bfloat16; onnxruntime: threads=N), or a ready backend object that runs `model`.
+    dtype=torch.bfloat16, or dtype=torch.int8 with calibration=...; onnxruntime: threads=N), or a ready
+    backend object that runs `model`.
     Monte-Carlo samples run through the model `batch_size` at a time. sound=True: grid-rounded noise for
     images on the 1/255 grid (Voracek & Hein, 2023), other images are refused.
     """

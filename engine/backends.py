@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rrcm.classifier import ModelInput
-from rrcm.errors import UserError
+from rrcm.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,6 @@ class ModelInfo:
     num_classes: int | None = None
     input_shape: tuple[int, int, int] | None = None
     dataset: str | None = None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def run_padded(run, batch: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -150,7 +145,7 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own types for unreadable, invalid and unsupported files
-            raise UserError(f"{source}: not a usable ONNX model ({_first_line(e)})") from None
+            raise UserError(f"{source}: not a usable ONNX model ({first_line(e)})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
             raise UserError(f"{source}: expected one float input of shape (N, C, H, W), got "

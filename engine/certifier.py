@@ -28,7 +28,7 @@ from rrcm.engine import sequential, stats
 from rrcm.engine.adaptive import certify_adaptive as adaptive_certify
 from rrcm.engine.backends import make_backend
 from rrcm.engine.sequential import RadiusDecision
-from rrcm.errors import UserError
+from rrcm.errors import UserError, first_line
 from rrcm.kernels import count_predictions, noisy_inputs
 from rrcm.kernels.sound import TV_PER_PIXEL, sound_noisy_inputs, to_grid
 
@@ -121,8 +121,7 @@ class Certifier:
         except UserError:
             raise
         except Exception as e:  # whatever the runtime raises for inputs the model cannot take
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{source}: cannot run on inputs of shape {shape}: {first}") from None
+            raise UserError(f"{source}: cannot run on inputs of shape {shape}: {first_line(e)}") from None
         if logits.dim() != 2 or logits.shape != (2, self.num_classes):
             raise UserError(f"{source}: output of shape {tuple(logits.shape)[1:]} per image, expected ({self.num_classes},) "
                             f"logits for num_classes={self.num_classes}")

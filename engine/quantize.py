@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch._inductor import config as inductor
 
-from rrcm.errors import UserError
+from rrcm.errors import UserError, first_line
 
 CALIBRATION_IMAGES = 512
 
@@ -72,6 +72,6 @@ def quantize_int8(module: nn.Module, calibration: torch.Tensor, batch: int) -> C
                 warnings.simplefilter("ignore")  # Inductor's own deprecation notices while it lowers int8 ops
                 quantized(chunks[0])  # compile now, once
     except Exception as e:  # export and Inductor raise many types for a model or inputs they cannot take
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"int8 quantization failed on calibration inputs of shape {tuple(calibration.shape[1:])}: {first}") from None
+        shape = tuple(calibration.shape[1:])
+        raise UserError(f"int8 quantization failed on calibration inputs of shape {shape}: {first_line(e)}") from None
     return quantized

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 import rrcm
 from rrcm.classifier import ModelInput, NoisyImageClassifier, load_classifier
-from rrcm.engine.backends import ModelInfo, _first_line
-from rrcm.errors import UserError
+from rrcm.engine.backends import ModelInfo
+from rrcm.errors import UserError, first_line
 from rrcm.export.onnx import PREFIX, backend_agreement, from_metadata, to_metadata
 from rrcm.export.commands import add_model_arguments
 
@@ -121,7 +121,7 @@ class AotiBackend:
                                                                 -1 if device.index is None else device.index)
             metadata = self.runner.get_metadata()
         except (RuntimeError, OSError, ValueError, KeyError) as e:
-            raise UserError(f"{path}: cannot load AOTInductor package ({_first_line(e)}); it needs the torch version "
+            raise UserError(f"{path}: cannot load AOTInductor package ({first_line(e)}); it needs the torch version "
                             f"and device type it was compiled for") from None
         self.info = from_metadata(metadata, str(path))
         values = {k.removeprefix(PREFIX): v for k, v in metadata.items() if k.startswith(PREFIX)}

@@ -21,7 +21,7 @@ from torch import nn
 
 from rrcm.classifier import load_classifier
 from rrcm.engine.backends import ModelInfo
-from rrcm.errors import UserError
+from rrcm.errors import UserError, first_line
 from rrcm.export.commands import add_model_arguments
 
 PREFIX = "rrcm."
@@ -77,7 +77,7 @@ def export_onnx(classifier: nn.Module, *, opset: int = 17, static_batch: int | N
             torch.onnx.export(classifier.eval(), (example,), buffer, input_names=[INPUT], output_names=[OUTPUT],
                               dynamic_axes=dynamic, opset_version=opset, dynamo=False)
         except (torch.onnx.errors.OnnxExporterError, ValueError, RuntimeError) as e:
-            raise UserError(f"ONNX export failed at opset {opset}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"ONNX export failed at opset {opset}: {first_line(e)}") from None
     model = onnx.load_from_string(buffer.getvalue())
     onnx.helper.set_model_props(model, to_metadata(info))
     model.doc_string = f"rrcm classifier for sigma {info.sigma:g}: pixel-space noisy images in [0, 1] -> logits"

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rrcm.errors import UserError
+from rrcm.errors import UserError, first_line
 from rrcm.presets import ModelConfig
 
 WEIGHTS = "model.safetensors"
@@ -67,8 +67,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: unreadable or unsafe weights file ({first})") from None
+        raise UserError(f"{path}: unreadable or unsafe weights file ({first_line(e)})") from None
     for key in ("state_dict", "model", "ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -99,7 +98,7 @@ def load_weights(folder: str | Path, model: nn.Module) -> None:
     try:
         load_public_state_dict(model, read_state_dict(path), str(path))
     except RuntimeError as e:  # shape mismatches
-        raise UserError(f"{path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path}: {first_line(e)}") from None
 
 
 def save_train_state(folder: str | Path, state: dict[str, Any]) -> None:
@@ -115,4 +114,4 @@ def load_train_state(folder: str | Path) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
-        raise UserError(f"{path}: unreadable training state ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise UserError(f"{path}: unreadable training state ({first_line(e)})") from None

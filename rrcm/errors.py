@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input from the user: wrong shapes, bad paths, impossible parameters, corrupt files."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

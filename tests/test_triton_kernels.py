@@ -6,31 +6,20 @@ correct generator); the KS test rejects at p < 1e-3.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # tests/conftest.py sets it first; this covers running the file alone
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
+from triton_setup import DEVICE, INTERPRET, tl, triton  # first: it skips the module without triton
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'rrcm[gpu]')")
-tl = pytest.importorskip("triton.language")
-stats = pytest.importorskip("scipy.stats")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-if INTERPRET and not isinstance(tl.randn4x, InterpretedFunction):
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; see tests/conftest.py", allow_module_level=True)
-
-from rrcm.errors import UserError  # noqa: E402
-from rrcm.kernels import count_predictions, noisy_inputs  # noqa: E402
-from rrcm.kernels.philox import philox4x32, philox_normal  # noqa: E402
-from rrcm.schedule import c_in  # noqa: E402
-from rrcm.kernels.triton_counting import count_predictions_triton  # noqa: E402
-from rrcm.kernels.triton_sampling import noisy_inputs_triton, write_noisy_inputs  # noqa: E402
+from rrcm.errors import UserError
+from rrcm.kernels import count_predictions, noisy_inputs
+from rrcm.kernels.philox import philox4x32, philox_normal
+from rrcm.schedule import c_in
+from rrcm.kernels.triton_counting import count_predictions_triton
+from rrcm.kernels.triton_sampling import noisy_inputs_triton, write_noisy_inputs
 
 SEED = 20250117
 # The interpreter evaluates log and cos like torch; compiled kernels may use the GPU's approximate ones.

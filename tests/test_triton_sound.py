@@ -4,31 +4,19 @@ Compiled on CUDA when there is a GPU, else run on the CPU via TRITON_INTERPRET=1
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
+from scipy.stats import chisquare
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # tests/conftest.py sets it first; this covers running the file alone
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
+from triton_setup import DEVICE, INTERPRET, tl, triton  # first: it skips the module without triton
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'rrcm[gpu]')")
-tl = pytest.importorskip("triton.language")
-from scipy.stats import chisquare  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-if INTERPRET and not isinstance(tl.randn4x, InterpretedFunction):
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; see tests/conftest.py", allow_module_level=True)
-
-from rrcm.errors import UserError  # noqa: E402
-from rrcm.kernels.philox import philox4x32, philox_uniform62  # noqa: E402
-from rrcm.kernels.sound import GRID, TABLE_BITS, cdf_table, grid_to_model, inverse_cdf  # noqa: E402
-from rrcm.kernels.triton_sound import _search, sound_noisy_inputs_triton, write_sound_inputs  # noqa: E402
-from rrcm.schedule import c_in  # noqa: E402
-from test_sound import chi_square_pvalue, discrete_gaussian  # noqa: E402
+from rrcm.errors import UserError
+from rrcm.kernels.philox import philox4x32, philox_uniform62
+from rrcm.kernels.sound import GRID, TABLE_BITS, cdf_table, grid_to_model, inverse_cdf
+from rrcm.kernels.triton_sound import _search, sound_noisy_inputs_triton, write_sound_inputs
+from rrcm.schedule import c_in
+from test_sound import chi_square_pvalue, discrete_gaussian
 
 SEED = 20250117
 SCALE, SHIFT = 2 * c_in(1.0), -c_in(1.0)  # model space at t = 1: c_in * (2 x - 1)

@@ -94,6 +94,7 @@ class _Command:
         from rrcm.engine import runner
         from rrcm.engine.backends import make_backend
         from rrcm.engine.certifier import Certifier
+        from rrcm.train.distributed import teardown
 
         certify = self.mode == "certify"
         if certify and args.tolerance is not None and not args.adaptive:
@@ -115,6 +116,7 @@ class _Command:
                 raise UserError("--compile and --precision apply to the torch backend only")
             options = {"compile": args.compile, "dtype": PRECISIONS[args.precision]}
         rank, world, device = runner.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        finished = False
         try:
             model, fingerprint = load_model(args.model, args.sigma, device)
             batch = args.batch if args.batch is not None else (1000 if device.type == "cuda" else 128)
@@ -148,9 +150,9 @@ class _Command:
             out = runner.run(certifier, dataset, args.out, job, params, rank=rank, world=world)
             if rank == 0:
                 print(f"{out}: {job.mode} of {len(job.indices(len(dataset)))} {dataset_name} test images at sigma {sigma:g} done")
+            finished = True
         finally:
-            if world > 1:
-                torch.distributed.destroy_process_group()
+            teardown(finished)
         return 0
 
 

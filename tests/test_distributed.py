@@ -2,6 +2,7 @@
 
 This file is also the worker script: `torchrun --nproc-per-node 2 tests/test_distributed.py OUT`.
 """
+import argparse
 import copy
 import json
 import os
@@ -16,7 +17,8 @@ from rrcm.model import Encoder
 from rrcm.presets import get_preset
 from rrcm.schedule import karras_times
 from rrcm.train import loop, pretrain
-from rrcm.train.distributed import DistEnv, all_reduce_mean, global_batchnorm, setup, shared_randint, teardown
+from rrcm.train.distributed import (DistEnv, all_reduce_mean, global_batchnorm, run_in_process_group, setup,
+                                   shared_randint, teardown)
 
 TINY = get_preset("tiny")
 GLOBAL_BATCH, STEPS, NUM_SCALES = 8, 3, 41
@@ -58,18 +60,25 @@ def train_steps(env: DistEnv, wrap) -> dict:
 
 def worker(out: Path) -> None:
     env = setup("cpu")
-    try:
-        result = train_steps(env, lambda m: torch.nn.parallel.DistributedDataParallel(m))
-        torch.save(result, out / f"rank{env.rank}.pt")
-    finally:
-        teardown()
+    result = train_steps(env, lambda m: torch.nn.parallel.DistributedDataParallel(m))
+    torch.save(result, out / f"rank{env.rank}.pt")
+    teardown()
 
 
-def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def failing_worker() -> int:
+    """Rank 0 fails; rank 1 finishes and waits to leave with the others."""
+    def train(args, env: DistEnv) -> int:
+        if env.is_main:
+            raise SystemExit("rank 0 failed")
+        return 0
+    return run_in_process_group(train, argparse.Namespace(device="cpu"))
+
+
+def torchrun(*args: str, timeout: int = 300, expect: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == (expect == 0), result.stderr[-3000:]
     return result
 
 
@@ -120,5 +129,11 @@ def test_pretrain_and_finetune_commands_under_torchrun(tmp_path):
     assert config["kind"] == "classifier" and config["test_images"] == 50
 
 
+@pytest.mark.slow
+def test_a_failing_process_does_not_leave_the_others_waiting():
+    result = torchrun(__file__, "--fail", timeout=120, expect=1)  # a hang would raise TimeoutExpired
+    assert "rank 0 failed" in result.stderr
+
+
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    sys.exit(failing_worker()) if sys.argv[1] == "--fail" else worker(Path(sys.argv[1]))

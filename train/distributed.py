@@ -63,20 +63,28 @@ def setup(device: str | None = None) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
-def teardown() -> None:
-    # No barrier: after an error in one process it would wait for the others forever, where
-    # leaving lets torchrun stop them.
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(finished: bool = True) -> None:
+    """Leave the process group, if any. A process that `finished` its work waits for the others first."""
+    if not dist.is_initialized():
+        return
+    # Leaving together: a process that tore its group down while rank 0 was still writing a checkpoint
+    # has been seen to abort on exit. No barrier after an error: that process would wait for the others
+    # forever, where leaving lets torchrun stop them.
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_in_process_group(train: Callable[[argparse.Namespace, DistEnv], int], args: argparse.Namespace) -> int:
     """`train(args, env)` inside the process group of `setup(args.device)`, left again however it ends."""
     env = setup(args.device)
+    finished = False
     try:
-        return train(args, env)
+        status = train(args, env)
+        finished = True
+        return status
     finally:
-        teardown()
+        teardown(finished)
 
 
 def _active() -> bool:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rrcm.classifier import ModelInput
+from rrcm.device import resolve_device
 from rrcm.errors import UserError, first_line
 
 
@@ -61,7 +62,7 @@ class TorchBackend:
                  dtype: torch.dtype = torch.float32, calibration: torch.Tensor | None = None, static_batch: int = 128):
         if isinstance(model, (str, Path)):
             raise UserError(f"{model}: the torch backend runs a loaded model; use the onnxruntime backend for .onnx files")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         int8 = dtype == torch.int8
         if int8 and self.device.type != "cpu":
             raise UserError("int8 runs on x86 CPUs; on a GPU use bf16")
@@ -120,7 +121,7 @@ class OnnxRuntimeBackend:
 
         from rrcm.export.onnx import export_onnx, from_metadata
 
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.input_dtype = torch.float32
         self.input_scale, self.input_shift = 1.0, 0.0
         if isinstance(model, nn.Module):
@@ -136,8 +137,6 @@ class OnnxRuntimeBackend:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UserError("this onnxruntime has no CUDA provider: install onnxruntime-gpu, or use --device cpu")
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
-        elif self.device.type != "cpu":
-            raise UserError(f"the onnxruntime backend runs on cpu or cuda, not {self.device}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 from pathlib import Path
 
@@ -94,7 +95,7 @@ class _Command:
         from rrcm.engine import runner
         from rrcm.engine.backends import make_backend
         from rrcm.engine.certifier import Certifier
-        from rrcm.train.distributed import teardown
+        from rrcm.train.distributed import setup, teardown
 
         certify = self.mode == "certify"
         if certify and args.tolerance is not None and not args.adaptive:
@@ -115,7 +116,9 @@ class _Command:
             if args.backend not in (None, "torch") or Path(args.model).suffix in (".onnx", ".pt2", ".plan"):
                 raise UserError("--compile and --precision apply to the torch backend only")
             options = {"compile": args.compile, "dtype": PRECISIONS[args.precision]}
-        rank, world, device = runner.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Processes wait at the final barrier for the slowest shard: allow for long runs.
+        env = setup(args.device, timeout=datetime.timedelta(days=7))
+        rank, world, device = env.rank, env.world_size, env.device
         finished = False
         try:
             model, fingerprint = load_model(args.model, args.sigma, device)

@@ -93,22 +93,6 @@ class Job:
         return list(range(0, dataset_size, self.skip))[: self.max_images]
 
 
-def init_distributed(device: str | torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, this process's device). Under torchrun (WORLD_SIZE > 1) it joins the process
-    group: gloo on CPU, NCCL on GPU, where each process takes the GPU of its LOCAL_RANK."""
-    device = torch.device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        # Processes wait at the final barrier for the slowest shard: allow for long runs.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(days=7))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def round_down(radius: float) -> float:
     """A radius rounded down to 4 decimals: what a TSV row may claim."""
     return math.floor(radius * 1e4) / 1e4

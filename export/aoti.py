@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import rrcm
 from rrcm.classifier import ModelInput, NoisyImageClassifier, load_classifier
+from rrcm.device import resolve_device
 from rrcm.engine.backends import ModelInfo
 from rrcm.errors import UserError, first_line
 from rrcm.export.onnx import PREFIX, backend_agreement, from_metadata, to_metadata
@@ -39,14 +40,8 @@ def package_metadata(classifier: NoisyImageClassifier, device: str, batch: int |
     return {**to_metadata(info), **{PREFIX + k: v for k, v in extra.items()}}
 
 
-def check_device(device: str) -> None:
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: this torch has no usable CUDA device")
-
-
-def export_aoti(classifier: NoisyImageClassifier, out: str | Path, device: str = "cpu", batch: int | None = None) -> Path:
+def export_aoti(classifier: NoisyImageClassifier, out: str | Path, device: str | torch.device = "cpu",
+                batch: int | None = None) -> Path:
     """Compile `classifier` with torch.export + AOTInductor into the package `out` (.pt2).
 
     `batch` None exports a dynamic batch dimension; an int fixes it. The package is written next to
@@ -57,8 +52,8 @@ def export_aoti(classifier: NoisyImageClassifier, out: str | Path, device: str =
         raise UserError(f"{out}: an AOTInductor package must end in .pt2")
     if batch is not None and batch < 1:
         raise UserError(f"--batch must be >= 1, got {batch}")
-    check_device(device)
-    metadata = package_metadata(classifier, device, batch)
+    device = resolve_device(device)
+    metadata = package_metadata(classifier, device.type, batch)
     module = ModelInput(classifier).to(device).eval()
     example = torch.zeros((batch or 2, *classifier.input_shape), device=device)
     dynamic = None if batch else ({0: torch.export.Dim("batch", min=1)},)
@@ -112,7 +107,7 @@ class AotiBackend:
             raise UserError(f"{path}: no such AOTInductor package")
         if not zipfile.is_zipfile(path):
             raise UserError(f"{path}: corrupt AOTInductor package (not a zip archive)")
-        device = torch.device(device)
+        device = resolve_device(device)
         try:
             # The loader behind torch._inductor.aoti_load_package (and the C++ API). The Python wrapper
             # adds a device check that only warns, and costs child processes probing the CPU's
@@ -164,7 +159,7 @@ class _ExportAoti:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        check_device(args.device)
+        resolve_device(args.device)
         with tqdm(total=3, desc="export aoti", unit="step") as progress:
             classifier = load_classifier(args.model, args.sigma, device=args.device)
             progress.update()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import rrcm
 from rrcm.classifier import NoisyImageClassifier, load_classifier
+from rrcm.device import resolve_device
 from rrcm.engine.backends import ModelInfo
 from rrcm.errors import UserError
 from rrcm.export.aoti import run_in_chunks
@@ -152,7 +153,7 @@ class TensorRTBackend:
         path = Path(model)
         if not path.is_file():
             raise UserError(f"{path}: no such TensorRT plan")
-        device = torch.device(device)
+        device = resolve_device(device)
         if device.type != "cuda":
             raise UserError(f"TensorRT plans run on a CUDA device, not {device}")
         plan = PlanInfo.read(path)
@@ -222,10 +223,7 @@ class _ExportTensorRT:
         batch = args.batch or args.max_batch
         if batch < 1:
             raise UserError(f"the batch size must be >= 1, got {batch}")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UserError(f"--device: not a device name: {args.device!r}") from None
+        device = resolve_device(args.device)
         gpu, capability = _gpu(device)
         with tqdm(total=3, desc="export tensorrt", unit="step") as progress:
             classifier = load_classifier(args.model, args.sigma, device=device)

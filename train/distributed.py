@@ -6,6 +6,7 @@ and every collective is the identity, so the training code has one path.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rrcm.device import resolve_device
 from rrcm.errors import UserError
 
 
@@ -33,33 +35,22 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """'auto' / None -> cuda if available else cpu; anything else must name an available device."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"device {name!r} is not supported (cpu or cuda)")
-    return device
-
-
-def setup(device: str | None = None) -> DistEnv:
-    """Join torchrun's process group (gloo on CPU, nccl on CUDA), or describe the single process."""
+def setup(device: str | torch.device | None = None, timeout: datetime.timedelta | None = None) -> DistEnv:
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA, where each process takes the GPU of its
+    LOCAL_RANK), or describe the single process. `timeout`: how long a collective waits (torch's default if None)."""
     device = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistEnv(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started more processes on this machine than it has GPUs ({torch.cuda.device_count()}): "
+                            "give --nproc-per-node at most that, or --device cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return DistEnv(rank, world_size, local_rank, device)
 
 

@@ -24,6 +24,8 @@ import pytest
 import torch
 
 import gpu_models
+from rrcm.classifier import NoisyImageClassifier
+from rrcm.engine import Certifier
 from rrcm.kernels import count_predictions, noisy_inputs
 from rrcm.model import Classifier
 from rrcm.presets import get_preset
@@ -175,13 +177,12 @@ def engine_step(name: str, dtype: torch.dtype, fused: bool, compile_mode: str | 
     repeats = [batch // 2, batch - batch // 2]
     if not fused:  # today's torch path: rrcm.kernels.noisy_inputs, counts read back per batch
         gen = torch.Generator(device=DEVICE).manual_seed(SEED)
-        repeats_t = torch.tensor(repeats, device=DEVICE)
         rows = torch.repeat_interleave(torch.arange(2), torch.tensor(repeats)).numpy()
         counts = np.zeros((2, cfg.num_classes), dtype=np.int64)
 
         @torch.inference_mode()
         def step():
-            x_in = noisy_inputs(images, repeats_t, SIGMA, gen, scale, shift, dtype)
+            x_in = noisy_inputs(images, repeats, SIGMA, gen, scale, shift, dtype)
             pred = model(x_in).argmax(1).cpu().numpy()
             np.add.at(counts, (rows, pred), 1)
 
@@ -220,6 +221,26 @@ def test_engine(benchmark, name, config):
     rate = _record(benchmark, name, config, batches * ENGINE_BATCH[name], batch=ENGINE_BATCH[name],
                    dtype=str(dtype).removeprefix("torch."), compile_mode=compile_mode, cuda_graph=graph)
     benchmark.extra_info.update(speedup=rate / reference_rate(name), speedup_vs_tf32_reference=rate / reference_rate(name, True))
+
+
+# ---------------------------------------------------------------- the shipped engine: Certifier on the GPU
+CERTIFIER_CONFIGS = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "bf16-compile": {"dtype": torch.bfloat16, "compile": True}}
+
+
+@pytest.mark.parametrize("config", CERTIFIER_CONFIGS)
+@pytest.mark.parametrize("name", list(ENGINE_BATCH))
+def test_certifier(benchmark, name, config):
+    """What `rrcm certify --device cuda` runs: Certifier (torch sampler, counts on the device, one host
+    synchronization per call), PREDICT of two images sharing each batch."""
+    cfg = get_preset(name)
+    classifier = NoisyImageClassifier(Classifier(cfg), SIGMA)
+    batch = ENGINE_BATCH[name]
+    certifier = Certifier(classifier, cfg.num_classes, SIGMA, batch_size=batch, device=DEVICE, **CERTIFIER_CONFIGS[config])
+    images, samples = torch.rand(2, *cfg.input_shape), BATCHES_PER_ROUND["engine"] * batch
+    benchmark.pedantic(certifier.predict_many, args=(images, samples // 2, 0.001), kwargs={"seeds": [0, 1]},
+                       rounds=3, warmup_rounds=1)
+    rate = _record(benchmark, name, f"certifier-{config}", samples, batch=batch, **{k: str(v) for k, v in CERTIFIER_CONFIGS[config].items()})
+    benchmark.extra_info.update(speedup=rate / reference_rate(name))
 
 
 # ---------------------------------------------------------------- the 85x claim: diffusion-denoised smoothing
@@ -283,8 +304,8 @@ def test_sampler(benchmark, path):
     images = torch.rand(2, *shape, device=DEVICE)
     repeats = [batch // 2, batch // 2]
     if path == "torch":
-        gen, repeats_t = torch.Generator(device=DEVICE).manual_seed(SEED), torch.tensor(repeats, device=DEVICE)
-        fn = lambda: noisy_inputs(images, repeats_t, SIGMA, gen, 1.6, -0.8, torch.bfloat16)  # noqa: E731
+        gen = torch.Generator(device=DEVICE).manual_seed(SEED)
+        fn = lambda: noisy_inputs(images, repeats, SIGMA, gen, 1.6, -0.8, torch.bfloat16)  # noqa: E731
     else:
         out = torch.empty(batch, *shape, device=DEVICE, dtype=torch.bfloat16)
         rows = sampling.image_of_row(repeats, 2, DEVICE)
@@ -299,17 +320,16 @@ def test_sampler(benchmark, path):
     )
 
 
-@pytest.mark.parametrize("path", ["bincount", "index_add", "triton"])
+@pytest.mark.parametrize("path", ["bincount", "count_predictions", "triton"])
 def test_counting(benchmark, path):
     """Argmax and per-image counts of one batch of 1000 x 1000 bf16 logits over two images."""
     _, counting = _sampling()
     logits = torch.randn(1000, 1000, device=DEVICE, dtype=torch.bfloat16)
     ids = torch.repeat_interleave(torch.arange(2, device=DEVICE), 500)
     counts = torch.zeros(2, 1000, dtype=torch.int64, device=DEVICE)
-    ones = torch.ones(1000, dtype=torch.int64, device=DEVICE)
     fns = {
-        "bincount": lambda: counts.add_(count_predictions(logits, ids, 2)),  # syncs twice inside torch.bincount
-        "index_add": lambda: counts.view(-1).index_add_(0, ids * 1000 + logits.argmax(1), ones),
+        "bincount": lambda: counts.view(-1).add_(torch.bincount(ids * 1000 + logits.argmax(1), minlength=2000)),  # syncs twice
+        "count_predictions": lambda: counts.add_(count_predictions(logits, ids, 2)),  # index_add_: no sync
         "triton": lambda: counting.count_predictions_triton(logits, ids, 2, counts),
     }
     benchmark.pedantic(_sync_round(fns[path], 20), rounds=5, warmup_rounds=1)

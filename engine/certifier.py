@@ -153,6 +153,8 @@ class Certifier:
             raise UserError(f"image values must be in [0, 1] (pixel space), got min {low:g}, max {high:g}")
         if self.sound:
             batch = to_grid(batch)  # uint8 grid values, checked once here rather than per noise batch
+        if self.device.type == "cuda" and batch.device.type == "cpu":  # an upload that does not wait for the GPU
+            return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
 
     def _generators(self, seeds: Sequence[int | None], stream: int) -> list[torch.Generator]:
@@ -195,8 +197,7 @@ class Certifier:
         parts, ids = [], []
         noisy = sound_noisy_inputs if self.sound else noisy_inputs
         for i, size in pieces:
-            repeats = torch.full((1,), size, dtype=torch.int64, device=self.device)
-            parts.append(noisy(images[i:i + 1], repeats, self.sigma, generators[i], b.input_scale, b.input_shift, b.input_dtype))
+            parts.append(noisy(images[i:i + 1], [size], self.sigma, generators[i], b.input_scale, b.input_shift, b.input_dtype))
             ids.append(torch.full((size,), i, dtype=torch.int64, device=self.device))
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
         return count_predictions(b.forward(batch), ids[0] if len(ids) == 1 else torch.cat(ids), len(images))

@@ -1,12 +1,30 @@
 """Noisy batches for Monte-Carlo smoothing, written straight in the model's input space."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from rrcm.errors import UserError
+
+
+def repeat_images(images: torch.Tensor, repeats: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """(sum(repeats), C, H, W): repeats[i] copies of images[i] (k, C, H, W), as broadcast views where possible.
+
+    The output size comes from the host: integers cost no device synchronization, a CUDA tensor costs one.
+    """
+    counts = [int(r) for r in (repeats.tolist() if isinstance(repeats, torch.Tensor) else repeats)]
+    if len(counts) != len(images) or any(r < 0 for r in counts):
+        raise UserError(f"repeats must be {len(images)} non-negative counts, one per image, got {counts}")
+    pieces = [image.expand(r, *image.shape[1:]) for image, r in zip(images.split(1), counts) if r > 0]
+    if not pieces:
+        return images[:0]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def noisy_inputs(
     images: torch.Tensor,
-    repeats: torch.Tensor,
+    repeats: Sequence[int] | torch.Tensor,
     sigma: float,
     generator: torch.Generator | None,
     scale: float = 1.0,
@@ -15,12 +33,12 @@ def noisy_inputs(
 ) -> torch.Tensor:
     """scale * (x + sigma * z) + shift for `repeats[i]` copies of each image x = images[i].
 
-    images: (k, C, H, W) in pixel space; repeats: (k,) int64 on the same device; z ~ N(0, I) drawn
-    from `generator` on the images' device. Returns (repeats.sum(), C, H, W) in `dtype`.
+    images: (k, C, H, W) in pixel space; repeats: k counts (see `repeat_images`); z ~ N(0, I) drawn
+    from `generator` on the images' device. Returns (sum(repeats), C, H, W) in `dtype`.
     """
-    x = torch.repeat_interleave(images, repeats, dim=0)
+    x = repeat_images(images, repeats)
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    out = torch.addcmul(x, z, torch.tensor(sigma, dtype=x.dtype, device=x.device))
+    out = torch.addcmul(x, z, x.new_full((), sigma))  # a device scalar: no host-to-device copy
     if scale != 1.0 or shift != 0.0:
         out = out.mul_(scale).add_(shift)
     return out if dtype is None else out.to(dtype)

@@ -20,12 +20,14 @@ after subtracting that from p_lower (8e-12 for a 224 x 224 x 3 image; a 2^31-lev
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mpmath
 import torch
 
 from rrcm.errors import UserError
+from rrcm.kernels.sampling import repeat_images
 
 GRID = 255
 TABLE_BITS = 62
@@ -110,10 +112,10 @@ def to_grid(images: torch.Tensor) -> torch.Tensor:
 
 
 def sound_grid_values(
-    images: torch.Tensor, repeats: torch.Tensor, sigma: float, generator: torch.Generator | None
+    images: torch.Tensor, repeats: Sequence[int] | torch.Tensor, sigma: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """uint8 clip(x + delta) in grid units for `repeats[i]` copies of each image x = images[i] (k, C, H, W)."""
-    x = torch.repeat_interleave(to_grid(images), repeats, dim=0)
+    x = repeat_images(to_grid(images), repeats)
     offsets = sample_offsets(tuple(x.shape), sigma, generator, x.device)
     return offsets.add_(x).clamp_(0, GRID).to(torch.uint8)
 
@@ -128,14 +130,14 @@ def grid_to_model(
 
 def sound_noisy_inputs(
     images: torch.Tensor,
-    repeats: torch.Tensor,
+    repeats: Sequence[int] | torch.Tensor,
     sigma: float,
     generator: torch.Generator | None,
     scale: float = 1.0,
     shift: float = 0.0,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Drop-in for `noisy_inputs` with grid-rounded noise: scale * clip(x + delta) + shift, (repeats.sum(), C, H, W).
+    """Drop-in for `noisy_inputs` with grid-rounded noise: scale * clip(x + delta) + shift, (sum(repeats), C, H, W).
 
     images: uint8 (k, C, H, W), or float pixel values on the 1/255 grid (then also the default output dtype).
     """

@@ -12,6 +12,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def device(request) -> str:
+    """The engine's device: every test that takes it runs on the CPU, and on a CUDA GPU where there is one."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module: where other jobs share the 2 cores, a second thread mostly waits at barriers."""

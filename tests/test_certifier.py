@@ -35,12 +35,12 @@ def exact_outcomes(p_a: float, n0: int, n: int, alpha: float, sigma: float, d: f
 
 
 @pytest.mark.parametrize("p_a, n, alpha", [(0.8, 100, 0.1), (0.65, 200, 0.05)])
-def test_false_certificates_at_most_alpha_and_mean_radius_exact(p_a, n, alpha):
+def test_false_certificates_at_most_alpha_and_mean_radius_exact(p_a, n, alpha, device):
     sigma, n0, trials = 0.5, 11, 2000
     model = HalfSpace(SHAPE, seed=3)
     d = sigma * norm.ppf(p_a)  # the smoothed classifier's true radius at the point
     x = point_at_distance(model, d)
-    certifier = Certifier(model, 2, sigma, batch_size=20_000)
+    certifier = Certifier(model, 2, sigma, batch_size=20_000, device=device)
     results = certifier.certify_many(x.expand(trials, *SHAPE), n0, n, alpha, seeds=range(trials))
 
     prediction = np.array([r.prediction for r in results])
@@ -73,12 +73,12 @@ class Recorder(nn.Module):
 def noise_of_call(certifier: Certifier, recorder: Recorder, x: torch.Tensor, **kwargs) -> torch.Tensor:
     recorder.batches.clear()
     certifier.certify(x, **kwargs)
-    return (torch.cat(recorder.batches) - x) / certifier.sigma
+    return ((torch.cat(recorder.batches) - x.to(certifier.device)) / certifier.sigma).cpu()
 
 
-def test_seeds_streams_and_noise_law():
+def test_seeds_streams_and_noise_law(device):
     recorder = Recorder()
-    certifier = Certifier(recorder, 2, 0.3, batch_size=4000)
+    certifier = Certifier(recorder, 2, 0.3, batch_size=4000, device=device)
     x = torch.rand(SHAPE)
     certifier.check_input(SHAPE)  # the probe forward pass, before recording
     a = noise_of_call(certifier, recorder, x, n0=500, n=1500, alpha=0.01, seed=7)
@@ -95,26 +95,26 @@ def test_seeds_streams_and_noise_law():
     assert abs(a.var().item() - 1) < 4 * math.sqrt(2 / a.numel())
 
 
-def test_predict_uses_the_estimation_stream_and_is_reproducible():
+def test_predict_uses_the_estimation_stream_and_is_reproducible(device):
     model = HalfSpace(SHAPE, seed=1)
-    certifier = Certifier(model, 2, 0.5, batch_size=1000)
+    certifier = Certifier(model, 2, 0.5, batch_size=1000, device=device)
     x = point_at_distance(model, 0.6)
     assert certifier.predict(x, 500, 0.001, seed=3) == certifier.predict(x, 500, 0.001, seed=3) == 1
     assert certifier.predict(point_at_distance(model, 0.0), 500, 1e-6, seed=3) == Certifier.ABSTAIN
     # Identical noise: PREDICT's counts are CERTIFY's estimation counts for the same seed.
-    counts = certifier.sample_counts(x[None], [500], certifier._generators([3], 1))[0]
+    counts = certifier.sample_counts(x[None].to(device), [500], certifier._generators([3], 1))[0]
     assert torch.equal(counts.cpu(), torch.as_tensor(certifier.certify(x, 10, 500, 0.001, seed=3).counts))
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 300, 5000])
-def test_packing_and_splitting_do_not_change_results(batch_size):
+def test_packing_and_splitting_do_not_change_results(batch_size, device):
     """certify_many packs pieces of several images into one batch (and splits n into pieces); each image's
     result is still exactly that of certify with its seed."""
     model = HalfSpace(SHAPE, seed=2)
     xs = torch.stack([point_at_distance(model, d) for d in (0.05, 0.2, -0.1, 0.4, 0.3)])
     n0, n = 13, 120 if batch_size > 1 else 20
-    many = Certifier(model, 2, 0.25, batch_size=batch_size).certify_many(xs, n0, n, 0.01, seeds=[5, 6, 7, 8, 9])
-    single = Certifier(model, 2, 0.25, batch_size=300)
+    many = Certifier(model, 2, 0.25, batch_size=batch_size, device=device).certify_many(xs, n0, n, 0.01, seeds=[5, 6, 7, 8, 9])
+    single = Certifier(model, 2, 0.25, batch_size=300, device=device)
     for x, seed, got in zip(xs, [5, 6, 7, 8, 9], many):
         want = single.certify(x, n0, n, 0.01, seed=seed)
         assert got.counts.sum() == n
@@ -162,6 +162,8 @@ def test_bad_inputs_are_user_errors():
         Certifier(model, 2, 0.25, batch_size=0)
     with pytest.raises(UserError):
         Certifier(model, 1, 0.25)
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        Certifier(model, 2, 0.25, device="gpu")
 
 
 def test_output_width_checked_with_one_forward():

@@ -159,15 +159,15 @@ class _ExportAoti:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        resolve_device(args.device)
+        device = resolve_device(args.device)  # before anything is loaded
         with tqdm(total=3, desc="export aoti", unit="step") as progress:
-            classifier = load_classifier(args.model, args.sigma, device=args.device)
+            classifier = load_classifier(args.model, args.sigma, device=device)
             progress.update()
             progress.set_postfix_str("torch.export + AOTInductor compile")
-            out = export_aoti(classifier, args.out, args.device, args.batch)
+            out = export_aoti(classifier, args.out, device, args.batch)
             progress.update()
             progress.set_postfix_str("checking against torch")
-            check = backend_agreement(classifier, AotiBackend(out, args.device))
+            check = backend_agreement(classifier, AotiBackend(out, device))
             progress.update()
         if check.argmax_agreement < 0.99:
             out.unlink()

@@ -8,14 +8,19 @@ import torch
 from rrcm.errors import UserError
 
 
-def repeat_images(images: torch.Tensor, repeats: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """(sum(repeats), C, H, W): repeats[i] copies of images[i] (k, C, H, W), as broadcast views where possible.
+def repeat_counts(repeats: Sequence[int] | torch.Tensor, num_images: int) -> list[int]:
+    """`repeats` as num_images host integers, checked. Integers cost no device synchronization, a CUDA tensor one."""
+    counts = torch.as_tensor(repeats).cpu()
+    integral = counts.numel() == 0 or not (counts.is_floating_point() or counts.is_complex())  # [] reads as float
+    if counts.shape != (num_images,) or not integral or bool((counts < 0).any()):
+        raise UserError(f"repeats must be {num_images} non-negative counts (integers), one per image, "
+                        f"got {counts.tolist()} ({counts.dtype})")
+    return [int(r) for r in counts.tolist()]
 
-    The output size comes from the host: integers cost no device synchronization, a CUDA tensor costs one.
-    """
-    counts = [int(r) for r in (repeats.tolist() if isinstance(repeats, torch.Tensor) else repeats)]
-    if len(counts) != len(images) or any(r < 0 for r in counts):
-        raise UserError(f"repeats must be {len(images)} non-negative counts, one per image, got {counts}")
+
+def repeat_images(images: torch.Tensor, repeats: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """(sum(repeats), C, H, W): repeats[i] copies of images[i] (k, C, H, W), as broadcast views where possible."""
+    counts = repeat_counts(repeats, len(images))
     pieces = [image.expand(r, *image.shape[1:]) for image, r in zip(images.split(1), counts) if r > 0]
     if not pieces:
         return images[:0]

@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from rrcm.errors import UserError
+from rrcm.kernels.sampling import repeat_counts
 
 INTERPRETED = isinstance(tl.randn4x, InterpretedFunction)  # TRITON_INTERPRET=1 was set before triton's import
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -134,12 +135,8 @@ def write_noisy_inputs(
 
 def image_of_row(repeats: torch.Tensor | list[int], num_images: int, device: torch.device | str) -> torch.Tensor:
     """(sum(repeats),) int64 row -> image map on `device`; built on the host (a CUDA `repeats` costs one sync)."""
-    counts = torch.as_tensor(repeats).cpu()
-    if counts.shape != (num_images,) or counts.is_floating_point() or counts.is_complex():
-        raise UserError(f"repeats must be a ({num_images},) integer tensor, got {tuple(counts.shape)} {counts.dtype}")
-    if bool((counts < 0).any()):
-        raise UserError("repeats must be non-negative")
-    rows = torch.repeat_interleave(torch.arange(counts.numel()), counts.long())
+    counts = torch.tensor(repeat_counts(repeats, num_images), dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(num_images), counts)
     device = torch.device(device)
     if device.type == "cuda":
         return rows.pin_memory().to(device, non_blocking=True)

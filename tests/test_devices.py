@@ -62,7 +62,7 @@ def test_repeats_as_integers_or_a_tensor():
     assert torch.equal(repeat_images(images, [2, 0, 3]), want)
     assert torch.equal(repeat_images(images, torch.tensor([2, 0, 3])), want)
     assert repeat_images(images, [0, 0, 0]).shape == (0, 1, 4, 4)
-    for bad in ([1, 2], [1, -1, 1]):
+    for bad in ([1, 2], [1, -1, 1], torch.tensor([0.5, 1.0, 2.0])):
         with pytest.raises(UserError, match="non-negative counts"):
             repeat_images(images, bad)
     # The same generator state gives the same noise for either form.

@@ -1,12 +1,13 @@
 """Cohen et al.'s CERTIFY and PREDICT for any classifier of noisy pixel-space images.
 
 The certifier only samples and counts; `rrcm.engine.stats` turns counts into guarantees. All noise goes
-through `sample_counts`: drawn on the backend's device by `rrcm.kernels.noisy_inputs` (noise, affine map
-to the model's input space and dtype in one pass), argmax and counts stay on the device, and the counts
-of a whole call come to the host once.
+through `sample_counts`, which hands it to a sampler (`rrcm.engine.sampler`): noise drawn on the backend's
+device and written in the model's input space and dtype, argmax and counts on the device, and the counts
+of a whole call come to the host once. On CUDA the default sampler is one fused Triton launch per batch.
 
 Seeds: image seed s gives the selection stream (s, 0) and the estimation stream (s, 1), two independent
-torch.Generators; without a seed each stream is seeded afresh from the OS.
+noise streams (torch.Generators, or Philox keys for the Triton sampler); without a seed each stream is
+seeded afresh from the OS.
 
 Sound mode (`sound=True`) draws grid-rounded noise through `rrcm.kernels.sound` for images on the 1/255 grid;
 its sampled law is within TV_PER_PIXEL * num_pixels of exact Gaussian smoothing of the quantized classifier,
@@ -27,10 +28,11 @@ from torch import nn
 from rrcm.engine import sequential, stats
 from rrcm.engine.adaptive import certify_adaptive as adaptive_certify
 from rrcm.engine.backends import make_backend
+from rrcm.engine.sampler import make_sampler
 from rrcm.engine.sequential import RadiusDecision
+from rrcm.device import upload
 from rrcm.errors import UserError, first_line
-from rrcm.kernels import count_predictions, noisy_inputs
-from rrcm.kernels.sound import TV_PER_PIXEL, sound_noisy_inputs, to_grid
+from rrcm.kernels.sound import TV_PER_PIXEL, to_grid
 
 SELECTION, ESTIMATION = 0, 1
 
@@ -69,15 +71,11 @@ def _check_alpha(alpha: float) -> float:
     return alpha
 
 
-def _split(total: int, size: int) -> list[int]:
-    return [size] * (total // size) + ([total % size] if total % size else [])
-
-
 class Certifier:
     """Randomized-smoothing certification of `model` at noise level `sigma` (pixel space, images in [0, 1]).
 
     model: a torch module mapping noisy pixel-space batches (N, C, H, W) to logits (N, num_classes), e.g.
-    `rrcm.load_classifier(...)`; or a path to an .onnx file. backend: a name in `backends.BACKENDS`
+    `rrcm.load_classifier(...)`; or a path to an exported file (.onnx, .pt2, .plan; one with a sigma input runs at `sigma`). backend: a name in `backends.BACKENDS`
     (default: onnxruntime for a path, torch for a module) made with `backend_options` (torch: compile=True,
     dtype=torch.bfloat16, or dtype=torch.int8 with calibration=...; onnxruntime: threads=N), or a ready
     backend object that runs `model`.
@@ -88,7 +86,8 @@ class Certifier:
     ABSTAIN = stats.ABSTAIN
 
     def __init__(self, model: nn.Module | str | Path, num_classes: int, sigma: float, *, batch_size: int = 1000,
-                 device: str | torch.device = "cpu", backend=None, sound: bool = False, **backend_options):
+                 device: str | torch.device = "cpu", backend=None, sound: bool = False, sampler: str | None = None,
+                 cuda_graphs: bool = False, **backend_options):
         sigma = _as_float("sigma", sigma)
         if not (math.isfinite(sigma) and sigma > 0):
             raise UserError(f"sigma must be a positive number, got {sigma!r}")
@@ -99,25 +98,37 @@ class Certifier:
         self.sigma = sigma
         self.sound = bool(sound)
         if backend is None or isinstance(backend, str):
-            backend = make_backend(model, device, backend, **backend_options)
+            backend = make_backend(model, device, backend, sigma=sigma, **backend_options)
         self.backend = backend
         self.device = self.backend.device
         info = self.backend.info
-        source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+        self.source = source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
         if info.sigma is not None and not math.isclose(info.sigma, self.sigma, rel_tol=1e-9):
             raise UserError(f"{source}: the classifier was built for sigma {info.sigma:g}, not {self.sigma:g}")
         if info.num_classes is not None and info.num_classes != self.num_classes:
             raise UserError(f"{source}: the classifier has {info.num_classes} classes, not {self.num_classes}")
+        self.sampler = make_sampler(sampler, self.backend, self.num_classes, self.sigma, self.batch_size,
+                                    sound=self.sound, cuda_graphs=cuda_graphs)
         self.input_shape: tuple[int, ...] | None = None
         if info.input_shape is not None:
             self.check_input(tuple(info.input_shape), source)
+
+    def describe(self) -> dict:
+        """What runs: backend, device, input dtype, compile, sampler, CUDA graphs (for sidecars and benchmarks)."""
+        b = self.backend
+        return {"backend": b.name, "device": str(self.device), "dtype": str(getattr(b, "dtype", b.input_dtype)).removeprefix("torch."),
+                "compile": bool(getattr(b, "compiled", False)), "sampler": self.sampler.name,
+                "cuda_graphs": bool(getattr(self.sampler, "cuda_graphs", False)), "batch": self.batch_size}
 
     def check_input(self, shape: tuple[int, ...], source: str = "model") -> None:
         """One forward pass: the model must take images of `shape` (C, H, W) and give num_classes logits."""
         probe = torch.full((2, *shape), 0.5 * self.backend.input_scale + self.backend.input_shift,
                            device=self.device, dtype=self.backend.input_dtype)
+        # A backend's `probe` runs its model without compiling it for a batch of 2 (torch.compile would, then
+        # compile again for the real batches).
+        forward = getattr(self.backend, "probe", self.backend.forward)
         try:
-            logits = self.backend.forward(probe)
+            logits = forward(probe)
         except UserError:
             raise
         except Exception as e:  # whatever the runtime raises for inputs the model cannot take
@@ -125,6 +136,8 @@ class Certifier:
         if logits.dim() != 2 or logits.shape != (2, self.num_classes):
             raise UserError(f"{source}: output of shape {tuple(logits.shape)[1:]} per image, expected ({self.num_classes},) "
                             f"logits for num_classes={self.num_classes}")
+        if not torch.isfinite(logits).all():
+            raise UserError(f"{source}: NaN or Inf logits on a gray image; a model that answers them cannot be certified")
         self.input_shape = shape
 
     def _images(self, xs) -> torch.Tensor:
@@ -153,54 +166,30 @@ class Certifier:
             raise UserError(f"image values must be in [0, 1] (pixel space), got min {low:g}, max {high:g}")
         if self.sound:
             batch = to_grid(batch)  # uint8 grid values, checked once here rather than per noise batch
-        if self.device.type == "cuda" and batch.device.type == "cpu":  # an upload that does not wait for the GPU
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.to(self.device)
+        return upload(batch, self.device) if batch.device.type == "cpu" else batch.to(self.device)
 
-    def _generators(self, seeds: Sequence[int | None], stream: int) -> list[torch.Generator]:
-        gens = []
+    def _streams(self, seeds: Sequence[int | None], stream: int) -> list:
+        """The sampler's noise streams for `seeds` (None: fresh noise) and stream SELECTION or ESTIMATION."""
+        keys = []
         for seed in seeds:
-            g = torch.Generator(device=self.device)
-            if seed is None:
-                g.seed()
-            elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
                 raise UserError(f"seed must be a non-negative integer or None, got {seed!r}")
-            else:
-                g.manual_seed(derive_seed(int(seed), stream))
-            gens.append(g)
-        return gens
+            keys.append(None if seed is None else derive_seed(int(seed), stream))
+        return self.sampler.streams(keys)
 
-    def sample_counts(self, images: torch.Tensor, num_samples: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    def sample_counts(self, images: torch.Tensor, num_samples: Sequence[int], streams: Sequence) -> torch.Tensor:
         """(k, num_classes) int64 counts on the device: argmax of the model on num_samples[i] noisy copies
-        of images[i] (k, C, H, W), noise from generators[i].
+        of images[i] (k, C, H, W), noise from streams[i] (`_streams`), whatever else is in the call."""
+        return self.sampler.counts(images, num_samples, streams)
 
-        Image i's noise is drawn in pieces of batch_size samples (the last one shorter) whatever else is in
-        the call, so a generator state and a sample count always give the same counts; pieces of several
-        images share one forward pass when they fit in a batch.
-        """
-        counts = torch.zeros((len(images), self.num_classes), dtype=torch.int64, device=self.device)
-        batch: list[tuple[int, int]] = []
-        filled = 0
-        for i, m in enumerate(num_samples):
-            for size in _split(m, self.batch_size):
-                if filled + size > self.batch_size:
-                    counts += self._count_batch(images, batch, generators)
-                    batch, filled = [], 0
-                batch.append((i, size))
-                filled += size
-        if batch:
-            counts += self._count_batch(images, batch, generators)
-        return counts
-
-    def _count_batch(self, images: torch.Tensor, pieces: list[tuple[int, int]], generators) -> torch.Tensor:
-        b = self.backend
-        parts, ids = [], []
-        noisy = sound_noisy_inputs if self.sound else noisy_inputs
-        for i, size in pieces:
-            parts.append(noisy(images[i:i + 1], [size], self.sigma, generators[i], b.input_scale, b.input_shift, b.input_dtype))
-            ids.append(torch.full((size,), i, dtype=torch.int64, device=self.device))
-        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return count_predictions(b.forward(batch), ids[0] if len(ids) == 1 else torch.cat(ids), len(images))
+    def _read(self, counts: torch.Tensor) -> torch.Tensor:
+        """`sample_counts` on the host, read with the sampler's flag of finite logits (one synchronization):
+        a model that answered NaN or Inf (its argmax means nothing) is refused, never certified."""
+        host = torch.cat([counts.flatten(), self.sampler.finite.view(1).to(counts.dtype)]).cpu()
+        if not host[-1]:
+            self.sampler.finite.fill_(True)
+            raise UserError(f"{self.source}: the model gave NaN or Inf logits on noisy inputs; it cannot be certified")
+        return host[:-1].view(counts.shape)
 
     def _slack(self) -> float:
         """How far below the sampled class probability the smoothed one may lie: TV distance of sound noise."""
@@ -221,8 +210,8 @@ class Certifier:
         seeds = [None] * k if seeds is None else list(seeds)
         if len(seeds) != k:
             raise UserError(f"{len(seeds)} seeds for {k} images")
-        generators = self._generators(seeds, SELECTION) + self._generators(seeds, ESTIMATION)
-        counts = self.sample_counts(images.repeat(2, 1, 1, 1), [n0] * k + [n] * k, generators).cpu().numpy()
+        streams = self._streams(seeds, SELECTION) + self._streams(seeds, ESTIMATION)
+        counts = self._read(self.sample_counts(images.repeat(2, 1, 1, 1), [n0] * k + [n] * k, streams)).numpy()
         results = []
         for selection, estimation in zip(counts[:k], counts[k:]):
             prediction, _, p_lower = stats.certify_from_counts(selection, estimation, self.sigma, alpha)
@@ -236,14 +225,14 @@ class Certifier:
         seeds = [None] * len(images) if seeds is None else list(seeds)
         if len(seeds) != len(images):
             raise UserError(f"{len(seeds)} seeds for {len(images)} images")
-        counts = self.sample_counts(images, [n] * len(images), self._generators(seeds, ESTIMATION)).cpu().numpy()
+        counts = self._read(self.sample_counts(images, [n] * len(images), self._streams(seeds, ESTIMATION))).numpy()
         return [stats.predict_from_counts(c, alpha) for c in counts]
 
     def _samplers(self, x, seed: int | None):
         """(select, estimate) draw(m) -> (num_classes,) counts for image x from the two streams of `seed`."""
         image = self._images([x])
-        streams = self._generators([seed], SELECTION) + self._generators([seed], ESTIMATION)
-        return [lambda m, g=g: self.sample_counts(image, [m], [g])[0] for g in streams]
+        streams = self._streams([seed], SELECTION) + self._streams([seed], ESTIMATION)
+        return [lambda m, s=s: self._read(self.sample_counts(image, [m], [s]))[0] for s in streams]
 
     def certify(self, x, n0: int, n: int, alpha: float, seed: int | None = None, *, adaptive: bool = False,
                 max_samples: int | None = None, tolerance: float = 0.01) -> CertifyResult:

@@ -106,7 +106,8 @@ def write_sound_inputs(
     chw = grid_images[0].numel()
     if out.numel() == 0:
         return out
-    qblock, grid = launch_grid(out.shape[0], chw, offset, draws_per_counter=2)
+    aligned = not in_memory and offset % 2 == 0 and chw % 2 == 0
+    qblock, _, grid = launch_grid(out.shape[0], chw, draws_per_counter=2, aligned=aligned)
     _sound_inputs_kernel[grid](
         out, grid_images.contiguous(), image_of_row, table, offset, seed, grid_images.shape[0], chw,
         _in_dtype(scale / GRID, out.dtype), _in_dtype(shift, out.dtype),

@@ -14,12 +14,14 @@ from rrcm.kernels import count_predictions, noisy_inputs
 class HalfSpace(nn.Module):
     """2-class logits (-s, s) with s = w . x + b."""
 
-    def __init__(self, shape: tuple[int, ...], seed: int = 0):
+    def __init__(self, shape: tuple[int, ...], seed: int = 0, centred: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(int(torch.tensor(shape).prod()), generator=g)
         self.register_buffer("w", w / w.norm())
         self.register_buffer("b", torch.randn((), generator=g))
+        if centred:  # the boundary through the grey image: points at distances below 1 stay in [0, 1] in few dimensions
+            self.b = -0.5 * self.w.sum()
         self.shape = shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import beta, binom, norm
+from scipy.stats import beta, binom, kstest, norm
 from torch import nn
 
 from halfspace import HalfSpace, point_at_distance
@@ -15,6 +15,12 @@ from rrcm.engine import Certifier
 from rrcm.errors import UserError
 
 SHAPE = (1, 16, 16)
+# Triton's interpreter (the triton sampler on the CPU) pays about a microsecond per draw: smaller images there.
+SHAPE_OF = {"torch": SHAPE, "triton": (1, 4, 4)}
+
+
+def halfspace(sampler: str, seed: int) -> HalfSpace:
+    return HalfSpace(SHAPE_OF[sampler], seed=seed, centred=sampler == "triton")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,13 +41,13 @@ def exact_outcomes(p_a: float, n0: int, n: int, alpha: float, sigma: float, d: f
 
 
 @pytest.mark.parametrize("p_a, n, alpha", [(0.8, 100, 0.1), (0.65, 200, 0.05)])
-def test_false_certificates_at_most_alpha_and_mean_radius_exact(p_a, n, alpha, device):
-    sigma, n0, trials = 0.5, 11, 2000
-    model = HalfSpace(SHAPE, seed=3)
+def test_false_certificates_at_most_alpha_and_mean_radius_exact(p_a, n, alpha, device, sampler):
+    sigma, n0, trials, shape = 0.5, 11, 2000, SHAPE_OF[sampler]
+    model = halfspace(sampler, seed=3)
     d = sigma * norm.ppf(p_a)  # the smoothed classifier's true radius at the point
     x = point_at_distance(model, d)
-    certifier = Certifier(model, 2, sigma, batch_size=20_000, device=device)
-    results = certifier.certify_many(x.expand(trials, *SHAPE), n0, n, alpha, seeds=range(trials))
+    certifier = Certifier(model, 2, sigma, batch_size=20_000, device=device, sampler=sampler)
+    results = certifier.certify_many(x.expand(trials, *shape), n0, n, alpha, seeds=range(trials))
 
     prediction = np.array([r.prediction for r in results])
     radius = np.array([r.radius for r in results])
@@ -76,13 +82,13 @@ def noise_of_call(certifier: Certifier, recorder: Recorder, x: torch.Tensor, **k
     return ((torch.cat(recorder.batches) - x.to(certifier.device)) / certifier.sigma).cpu()
 
 
-def test_seeds_streams_and_noise_law(device):
-    recorder = Recorder()
-    certifier = Certifier(recorder, 2, 0.3, batch_size=4000, device=device)
-    x = torch.rand(SHAPE)
-    certifier.check_input(SHAPE)  # the probe forward pass, before recording
+def test_seeds_streams_and_noise_law(device, sampler):
+    recorder, shape = Recorder(), SHAPE_OF[sampler]
+    certifier = Certifier(recorder, 2, 0.3, batch_size=4000, device=device, sampler=sampler)
+    x = torch.rand(shape)
+    certifier.check_input(shape)  # the probe forward pass, before recording
     a = noise_of_call(certifier, recorder, x, n0=500, n=1500, alpha=0.01, seed=7)
-    assert a.shape == (2000, *SHAPE)
+    assert a.shape == (2000, *shape)
     assert torch.equal(a, noise_of_call(certifier, recorder, x, n0=500, n=1500, alpha=0.01, seed=7))
     assert not torch.equal(a, noise_of_call(certifier, recorder, x, n0=500, n=1500, alpha=0.01, seed=8))
     fresh = noise_of_call(certifier, recorder, x, n0=500, n=1500, alpha=0.01)
@@ -90,47 +96,52 @@ def test_seeds_streams_and_noise_law(device):
     # Selection (first 500) and estimation noise are different, uncorrelated streams.
     selection, estimation = a[:500].flatten(), a[500:1000].flatten()
     assert abs(np.corrcoef(selection, estimation)[0, 1]) < 4 / math.sqrt(len(selection))
-    # Standard normal noise: mean 0 and variance 1 within sampling error (128,000 draws).
+    # Standard normal noise: mean 0 and variance 1 within sampling error, and the normal law by a KS test.
     assert abs(a.mean().item()) < 4 / math.sqrt(a.numel())
     assert abs(a.var().item() - 1) < 4 * math.sqrt(2 / a.numel())
+    assert kstest(a.flatten().double().numpy(), "norm").pvalue > 1e-3
 
 
-def test_predict_uses_the_estimation_stream_and_is_reproducible(device):
-    model = HalfSpace(SHAPE, seed=1)
-    certifier = Certifier(model, 2, 0.5, batch_size=1000, device=device)
+def test_predict_uses_the_estimation_stream_and_is_reproducible(device, sampler):
+    model = halfspace(sampler, seed=1)
+    certifier = Certifier(model, 2, 0.5, batch_size=1000, device=device, sampler=sampler)
     x = point_at_distance(model, 0.6)
     assert certifier.predict(x, 500, 0.001, seed=3) == certifier.predict(x, 500, 0.001, seed=3) == 1
     assert certifier.predict(point_at_distance(model, 0.0), 500, 1e-6, seed=3) == Certifier.ABSTAIN
     # Identical noise: PREDICT's counts are CERTIFY's estimation counts for the same seed.
-    counts = certifier.sample_counts(x[None].to(device), [500], certifier._generators([3], 1))[0]
+    counts = certifier.sample_counts(x[None].to(device), [500], certifier._streams([3], 1))[0]
     assert torch.equal(counts.cpu(), torch.as_tensor(certifier.certify(x, 10, 500, 0.001, seed=3).counts))
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 300, 5000])
-def test_packing_and_splitting_do_not_change_results(batch_size, device):
+def test_packing_and_splitting_do_not_change_results(batch_size, device, sampler):
     """certify_many packs pieces of several images into one batch (and splits n into pieces); each image's
-    result is still exactly that of certify with its seed."""
-    model = HalfSpace(SHAPE, seed=2)
+    result is still exactly that of certify with its seed. The triton sampler's noise does not depend on
+    the batching at all; the torch sampler's does not when pieces are cut the same way."""
+    model = halfspace(sampler, seed=2)
     xs = torch.stack([point_at_distance(model, d) for d in (0.05, 0.2, -0.1, 0.4, 0.3)])
     n0, n = 13, 120 if batch_size > 1 else 20
-    many = Certifier(model, 2, 0.25, batch_size=batch_size, device=device).certify_many(xs, n0, n, 0.01, seeds=[5, 6, 7, 8, 9])
-    single = Certifier(model, 2, 0.25, batch_size=300, device=device)
-    for x, seed, got in zip(xs, [5, 6, 7, 8, 9], many):
+    many = Certifier(model, 2, 0.25, batch_size=batch_size, device=device, sampler=sampler)
+    results = many.certify_many(xs, n0, n, 0.01, seeds=[5, 6, 7, 8, 9])
+    single = Certifier(model, 2, 0.25, batch_size=300, device=device, sampler=sampler)
+    for x, seed, got in zip(xs, [5, 6, 7, 8, 9], results):
         want = single.certify(x, n0, n, 0.01, seed=seed)
         assert got.counts.sum() == n
-        if batch_size in (300, 5000):  # pieces are cut the same way: identical noise
+        if batch_size in (300, 5000) or sampler == "triton":  # the same noise
             assert np.array_equal(got.counts, want.counts) and got.prediction == want.prediction
             assert got.radius == want.radius and got.p_lower == want.p_lower
 
 
-def test_one_forward_per_packed_batch():
+@pytest.mark.parametrize("sampler, sizes", [("torch", [930, 270]), ("triton", [1000, 200])])
+def test_one_forward_per_packed_batch(sampler, sizes):
     recorder = Recorder()
-    certifier = Certifier(recorder, 2, 0.25, batch_size=1000)
+    certifier = Certifier(recorder, 2, 0.25, batch_size=1000, sampler=sampler)
     certifier.check_input(SHAPE)
     recorder.batches.clear()
     certifier.certify_many(torch.rand(12, *SHAPE), 10, 90, 0.01, seeds=range(12))
-    # 12 selection pieces of 10 and 9 estimation pieces of 90 fill the first batch; no batch exceeds 1000.
-    assert [len(b) for b in recorder.batches] == [930, 270]
+    # torch: 12 selection pieces of 10 and 9 estimation pieces of 90 fill the first batch; no batch exceeds
+    # 1000. triton: draws do not depend on the cut, so batches are filled to the brim.
+    assert [len(b) for b in recorder.batches] == sizes
 
 
 def test_bad_inputs_are_user_errors():

@@ -52,7 +52,7 @@ def test_certify_radius_seeds_reproduce():
     runs = [certifier.certify_radius(x, 0.4, 0.01, max_samples=5000, seed=s) for s in (4, 4, 5)]
     assert runs[0] == runs[1]
     # Same decisions as the sequential module fed with the seed's two streams.
-    counts = certifier.sample_counts(x[None], [100], certifier._generators([4], 0))[0]
+    counts = certifier.sample_counts(x[None], [100], certifier._streams([4], 0))[0]
     assert runs[0].prediction == int(counts.argmax())
 
 
@@ -136,7 +136,7 @@ def test_sound_refuses_off_grid_images_and_feeds_grid_values():
     x = grid_image()
     result = certifier.certify(x, 20, 1500, 0.01, seed=3)
     assert result.samples == 1520 and result.counts.sum() == 1500
-    top = int(certifier.sample_counts(certifier._images([x]), [20], certifier._generators([3], 0))[0].argmax())
+    top = int(certifier.sample_counts(certifier._images([x]), [20], certifier._streams([3], 0))[0].argmax())
     exact = stats.lower_confidence_bound(int(result.counts[top]), 1500, 0.01)
     assert result.p_lower == pytest.approx(exact - TV_PER_PIXEL * 256, abs=1e-15)
     assert result.p_lower < exact

@@ -17,9 +17,12 @@ from rrcm.engine import Certifier
 from rrcm.errors import UserError
 from rrcm.kernels import count_predictions, noisy_inputs
 from rrcm.kernels.sampling import repeat_images
-from rrcm.train.distributed import setup
+from rrcm.distributed import setup
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def needs_cuda(test):
+    """A test only a CUDA GPU runs: marked `cuda` (selected by `pytest -m cuda`), skipped without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 def test_device_names(monkeypatch):
@@ -84,8 +87,9 @@ def bundled() -> torch.nn.Module:
 
 
 @needs_cuda
-def test_one_host_synchronization_per_call(bundled):
-    certifier = Certifier(bundled, 10, 0.25, batch_size=500, device="cuda")
+@pytest.mark.parametrize("sampler, cuda_graphs", [("torch", False), ("triton", False), ("triton", True)])
+def test_one_host_synchronization_per_call(bundled, sampler, cuda_graphs):
+    certifier = Certifier(bundled, 10, 0.25, batch_size=500, device="cuda", sampler=sampler, cuda_graphs=cuda_graphs)
     images, _ = fashion_test_images(3)
     certifier.certify_many(images, 100, 2000, 0.001, seeds=[0, 1, 2])  # first use: kernels, cuBLAS handles
     torch.cuda.set_sync_debug_mode("warn")
@@ -111,7 +115,8 @@ def test_bf16_and_compile_on_cuda_agree_with_fp32(bundled):
 
     fp32 = counts()
     assert np.array_equal(fp32, counts())  # seeded runs repeat exactly on the GPU too
-    for options, tolerance in [(dict(compile=True), 0.005), (dict(dtype=torch.bfloat16), 0.03)]:
+    for options, tolerance in [(dict(compile=True), 0.005), (dict(dtype=torch.bfloat16), 0.03),
+                               (dict(dtype=torch.float16), 0.03)]:
         other = counts(**options)
         assert (other.argmax(1) == fp32.argmax(1)).mean() >= 0.9, options
         assert np.abs(other - fp32).sum(1).max() <= 2 * tolerance * 2000, (options, np.abs(other - fp32).sum(1))
@@ -144,3 +149,50 @@ def test_certify_command_on_cuda(tmp_path):
     assert params["device"] == "cuda" and params["batch"] == 1000
     assert main(args) == 0  # resumes: nothing left to do, nothing repeated
     assert out.read_text().splitlines() == lines
+
+
+@needs_cuda
+@pytest.mark.parametrize("options", [{}, {"compile": True}, {"dtype": torch.bfloat16}], ids=["fp32", "compile", "bf16"])
+def test_cuda_graph_replays_count_what_the_eager_triton_path_counts(bundled, options):
+    """The captured fixed-size step (last batch of each image padded) gives the eager step's counts: padding rows are
+    never counted, and replays continue each image's noise stream."""
+    images, _ = fashion_test_images(3)
+
+    def counts(cuda_graphs: bool) -> np.ndarray:
+        certifier = Certifier(bundled, 10, 0.25, batch_size=700, device="cuda", sampler="triton", cuda_graphs=cuda_graphs,
+                              **options)
+        first = certifier.certify_many(images, 100, 2500, 0.001, seeds=[4, 5, 6])  # 2,600 samples: 4 batches, padded
+        again = certifier.certify_many(images[:1], 30, 10, 0.001, seeds=[7])  # a call of one short batch
+        return np.stack([r.counts for r in first + again])
+
+    eager, graphed = counts(False), counts(True)
+    assert eager.sum(1).tolist() == [2500, 2500, 2500, 10]
+    assert np.array_equal(eager, graphed)
+
+
+@needs_cuda
+def test_low_precisions_on_cuda_agree_with_fp32(bundled):
+    """bf16, fp16 and (on GPUs with FP8 tensor cores) fp8 against the float32 classifier without TF32, on noisy test
+    images: what `rrcm certify` measures before it certifies in a lower precision."""
+    from rrcm.engine.backends import TorchBackend
+    from rrcm.engine.fp8 import fp8_supported
+    from rrcm.export.runtime import backend_agreement
+
+    images, _ = fashion_test_images(512)
+    noisy = images + 0.25 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    dtypes = [torch.bfloat16, torch.float16] + ([torch.float8_e4m3fn] if fp8_supported(torch.device("cuda")) else [])
+    for dtype in dtypes:
+        agreement = backend_agreement(bundled, TorchBackend(bundled, "cuda", dtype=dtype), inputs=noisy)
+        assert agreement.argmax_agreement >= (0.97 if dtype == torch.float8_e4m3fn else 0.99), (dtype, agreement)
+
+
+@needs_cuda
+def test_certify_command_with_the_triton_sampler_and_graphs(tmp_path):
+    out = tmp_path / "c.tsv"
+    args = ["certify", "--model", "fashion-mnist", "--sigma", "0.25", "--n0", "50", "--n", "1000", "--max", "3",
+            "--device", "cuda", "--sampler", "triton", "--cuda-graphs", "--batch", "400", "--out", str(out)]
+    assert main(args) == 0
+    params = json.loads(out.with_name(out.name + ".json").read_text())
+    assert params["sampler"] == "triton" and params["cuda_graphs"] is True
+    lines = out.read_text().splitlines()
+    assert main(args) == 0 and out.read_text().splitlines() == lines  # resumes: nothing repeated

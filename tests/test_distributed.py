@@ -17,8 +17,8 @@ from rrcm.model import Encoder
 from rrcm.presets import get_preset
 from rrcm.schedule import karras_times
 from rrcm.train import loop, pretrain
-from rrcm.train.distributed import (DistEnv, all_reduce_mean, global_batchnorm, run_in_process_group, setup,
-                                   shared_randint, teardown)
+from rrcm.distributed import DistEnv, run_in_process_group, setup, teardown
+from rrcm.train.distributed import all_reduce_mean, global_batchnorm
 
 TINY = get_preset("tiny")
 GLOBAL_BATCH, STEPS, NUM_SCALES = 8, 3, 41
@@ -46,8 +46,8 @@ def train_steps(env: DistEnv, wrap) -> dict:
     records = []
     for step in range(STEPS):
         x, a, b, n = (v[mine] for v in global_inputs(step))
-        # Each process seeds its own draw differently: the broadcast from rank 0 must make them agree.
-        i = shared_randint(NUM_SCALES - 1, loop.make_generator("cpu", 7, step, env.rank), env.device)
+        # Every process draws rank 0's time index, as Pretrainer does: the processes agree without a broadcast.
+        i = int(torch.randint(NUM_SCALES - 1, (1,), generator=loop.make_generator("cpu", 7, step, 0)))
         opt.zero_grad(set_to_none=True)
         loss, parts = pretrain.rrcm_loss(online, enc, target, x, a, b, n, float(grid[i]), float(grid[i + 1]), env.rank)
         loss.backward()
@@ -110,8 +110,6 @@ def test_single_process_collectives_are_identities():
     t = torch.randn(4, 3)
     assert torch.equal(pretrain.gather_keys(t), t)
     assert torch.equal(all_reduce_mean(t), t)
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert shared_randint(10, g1, torch.device("cpu")) == int(torch.randint(10, (1,), generator=g2))
 
 
 @pytest.mark.slow

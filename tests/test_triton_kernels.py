@@ -21,6 +21,8 @@ from rrcm.schedule import c_in
 from rrcm.kernels.triton_counting import count_predictions_triton
 from rrcm.kernels.triton_sampling import noisy_inputs_triton, write_noisy_inputs
 
+pytestmark = pytest.mark.cuda  # compiled on a CUDA GPU (`pytest -m cuda`); interpreted on the CPU elsewhere
+
 SEED = 20250117
 # The interpreter evaluates log and cos like torch; compiled kernels may use the GPU's approximate ones.
 NOISE_ATOL = 1e-5 if INTERPRET else 1e-4

@@ -18,6 +18,8 @@ from rrcm.kernels.triton_sound import _search, sound_noisy_inputs_triton, write_
 from rrcm.schedule import c_in
 from test_sound import chi_square_pvalue, discrete_gaussian
 
+pytestmark = pytest.mark.cuda  # compiled on a CUDA GPU (`pytest -m cuda`); interpreted on the CPU elsewhere
+
 SEED = 20250117
 SCALE, SHIFT = 2 * c_in(1.0), -c_in(1.0)  # model space at t = 1: c_in * (2 x - 1)
 

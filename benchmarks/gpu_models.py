@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from rrcm.classifier import NoisyImageClassifier
+from rrcm.engine.throughput import count_flops
 from rrcm.model import Block, Classifier, PatchEmbed
 from rrcm.presets import get_preset
-from rrcm.schedule import c_in, grid_time_for_sigma
 
 
 # ---------------------------------------------------------------- ADM U-Net (guided-diffusion layout)
@@ -154,26 +154,6 @@ def vit(name: str, image_size: int = 224) -> ViT:
     return ViT(image_size, dim, depth, heads)
 
 
-class RrcmStep(nn.Module):
-    """rRCM classifier on inputs already in model space and scaled by c_in, time token precomputed."""
-
-    def __init__(self, classifier: Classifier, t: float):
-        super().__init__()
-        self.classifier = classifier
-        t = torch.tensor([t], device=classifier.linear_head.weight.device)
-        self.register_buffer("time_token", classifier.base_model.time_token(t).detach(), persistent=False)
-
-    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
-        h = self.classifier.base_model.tokens_to_features(x_in, self.time_token)
-        return self.classifier.linear_head(h)
-
-
-def rrcm_input_affine(sigma: float) -> tuple[float, float]:
-    """(scale, shift) taking pixels in [0, 1] to the rRCM input c_in(t) * (2 x - 1)."""
-    c = c_in(grid_time_for_sigma(sigma))
-    return 2 * c, -c
-
-
 # ---------------------------------------------------------------- diffusion-denoised smoothing
 def linear_alpha_bar(steps: int = 1000) -> torch.Tensor:
     return torch.cumprod(1 - torch.linspace(1e-4, 0.02, steps, dtype=torch.float64, device="cpu"), dim=0)
@@ -209,20 +189,21 @@ class DenoisedSmoothing(nn.Module):
 
 
 # ---------------------------------------------------------------- the models timed, and their costs
-MODELS = ("rrcm-b-cifar", "rrcm-b-imagenet", "vit-b16", "vit-l16", "adm-256", "dds-vit-l16-224", "dds-vit-l16-512")
+MODELS = ("rrcm-b-cifar", "rrcm-b-imagenet", "vit-b16", "vit-l16", "adm-256", "dds-vit-l16-224", "dds-vit-l16-512",
+          "dds-tiny")
+TINY_UNET = UNetConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), attention_resolutions=(16, 8))
 
 
 def build(name: str, sigma: float = 0.5, device: torch.device | str = "cpu") -> tuple[nn.Module, tuple[int, int, int]]:
     """A timing model by name (one of MODELS), and the (C, H, W) of one input sample."""
-    t = grid_time_for_sigma(sigma)
     with torch.device(device):
-        return _build(name, sigma, t)
+        return _build(name, sigma)
 
 
-def _build(name: str, sigma: float, t: float) -> tuple[nn.Module, tuple[int, int, int]]:
+def _build(name: str, sigma: float) -> tuple[nn.Module, tuple[int, int, int]]:
     if name in ("rrcm-b-cifar", "rrcm-b-imagenet"):
         cfg = get_preset(name)
-        return RrcmStep(Classifier(cfg), t), cfg.input_shape
+        return NoisyImageClassifier(Classifier(cfg), sigma), cfg.input_shape
     if name in VIT_SIZES:
         return vit(name), (3, 224, 224)
     if name == "adm-256":
@@ -230,6 +211,8 @@ def _build(name: str, sigma: float, t: float) -> tuple[nn.Module, tuple[int, int
     if name in ("dds-vit-l16-224", "dds-vit-l16-512"):
         size = int(name[-3:])
         return DenoisedSmoothing(Denoiser(UNet(), sigma), vit("vit-l16", size), size), (3, 256, 256)
+    if name == "dds-tiny":  # the same pipeline at 32 px, for tests and the CPU rehearsal of scripts/gpu_run.sh
+        return DenoisedSmoothing(Denoiser(UNet(TINY_UNET), sigma), ViT(48, dim=64, depth=2, heads=2), 48), (3, 32, 32)
     raise KeyError(name)
 
 
@@ -240,6 +223,26 @@ def count_parameters(model: nn.Module) -> int:
 def count_macs(name: str) -> tuple[int, int]:
     """(parameters, multiply-accumulates per sample) of `build(name)`, counted on the meta device."""
     model, shape = build(name, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        model(torch.empty(1, *shape, device="meta"))
-    return count_parameters(model), counter.get_total_flops() // 2
+    return count_parameters(model), count_flops(model, shape) // 2
+
+
+class PixelSpace(nn.Module):
+    """A classifier of [-1, 1] images as the engine takes one: pixel-space images in [0, 1], noise std `sigma`.
+
+    The engine's sampler writes input_scale * (x + sigma z) + input_shift = 2 (x + sigma z) - 1 straight into
+    the model's input, so the model sees Carlini et al.'s noise of std 2 sigma in [-1, 1].
+    """
+
+    input_scale, input_shift = 2.0, -1.0
+
+    def __init__(self, model: nn.Module, sigma: float, input_shape: tuple[int, int, int], num_classes: int = 1000,
+                 channels_last: bool = False):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.sigma, self.input_shape, self.num_classes, self.channels_last = sigma, input_shape, num_classes, channels_last
+
+    def forward_model_input(self, u: torch.Tensor) -> torch.Tensor:
+        return self.model(u.contiguous(memory_format=torch.channels_last) if self.channels_last else u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_model_input(self.input_scale * x + self.input_shift)

@@ -39,11 +39,26 @@ def test_denoised_smoothing_costs_67_to_85_times_rrcm():
 
 def test_small_pipeline_runs():
     torch.manual_seed(0)
-    unet = gpu_models.UNet(gpu_models.UNetConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), attention_resolutions=(16, 8)))
-    classifier = gpu_models.ViT(48, dim=64, depth=2, heads=2)
-    model = gpu_models.DenoisedSmoothing(gpu_models.Denoiser(unet, sigma=0.25), classifier, 48).eval()
+    model, shape = gpu_models.build("dds-tiny", sigma=0.25)
+    model.eval()
+    assert shape == (3, 32, 32)
     assert model.denoiser.timestep > 0
     x = 2 * torch.rand(3, 3, 32, 32) - 1 + 0.5 * torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         x0, logits = model.denoiser(x), model(x)
     assert x0.shape == x.shape and x0.abs().max() <= 1 and logits.shape == (3, 1000) and logits.isfinite().all()
+
+
+def test_pixel_space_runs_through_the_engine():
+    """DDS behind PixelSpace is a classifier of [0, 1] images: the engine samples it as `benchmarks/dds_ratio.py` does."""
+    from rrcm.engine import Certifier
+
+    torch.manual_seed(0)
+    dds, shape = gpu_models.build("dds-tiny", sigma=0.25)
+    model = gpu_models.PixelSpace(dds.eval(), 0.25, shape)
+    x = torch.rand(1, *shape)
+    with torch.no_grad():
+        assert torch.allclose(model(x), dds(2 * x - 1), atol=1e-5)
+    certifier = Certifier(model, 1000, 0.25, batch_size=2)
+    assert (certifier.input_shape, certifier.backend.input_scale, certifier.backend.input_shift) == (shape, 2.0, -1.0)
+    assert len(certifier.predict_many(x, 2, 0.001, seeds=[0])) == 1

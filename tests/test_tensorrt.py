@@ -10,31 +10,22 @@ import sys
 import pytest
 import torch
 
-from deploy_helpers import SIGMA, fashion_test_images, tiny_checkpoint
+from deploy_helpers import SIGMA, TENSORRT_OPERATORS, fashion_test_images, tiny_checkpoint
 from rrcm import load_classifier
 from rrcm.engine import Certifier
 from rrcm.errors import UserError
 from rrcm.export.tensorrt import PlanInfo, TensorRTBackend, onnx_for_tensorrt
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-needs_tensorrt = pytest.mark.skipif(not (HAS_TENSORRT and torch.cuda.is_available()), reason="needs tensorrt and a CUDA GPU")
 
-# Operators marked supported ("Y") in onnx/onnx-tensorrt docs/operators.md for TensorRT 10.15 (opsets 9 to 24):
-# https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md. Limited to those a PyTorch export of a
-# vision model can plausibly emit; anything else in our graph fails the test and must be checked by hand.
-TENSORRT_OPERATORS = {
-    "Abs", "Add", "ArgMax", "ArgMin", "AveragePool", "BatchNormalization", "Cast", "CastLike", "Ceil", "Clip",
-    "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "CumSum", "DepthToSpace", "Div",
-    "Dropout", "Einsum", "Elu", "Equal", "Erf", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements",
-    "GatherND", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual",
-    "GroupNormalization", "HardSigmoid", "HardSwish", "Identity", "If", "InstanceNormalization",
-    "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul", "Max", "MaxPool",
-    "Mean", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "PRelu", "Range", "Reciprocal", "ReduceL2",
-    "ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum", "ReduceSumSquare", "Relu", "Reshape", "Resize",
-    "Round", "Shape", "Sigmoid", "Sign", "Sin", "Size", "Slice", "Softmax", "Softplus", "Split", "Sqrt",
-    "Squeeze", "Sub", "Sum", "Tanh", "Tile", "TopK", "Transpose", "Trilu", "Unsqueeze", "Where",
-}
-MAX_OPSET = 24  # the same document: "opset 9 to opset 24"
+
+def needs_tensorrt(test):
+    """A test of TensorRT plans: marked `cuda` (selected by `pytest -m cuda`), skipped without tensorrt and a GPU."""
+    skip = pytest.mark.skipif(not (HAS_TENSORRT and torch.cuda.is_available()), reason="needs tensorrt and a CUDA GPU")
+    return pytest.mark.cuda(skip(test))
+
+
+MAX_OPSET = 24  # the document TENSORRT_OPERATORS is from: "opset 9 to opset 24"
 
 
 @pytest.fixture(scope="module")

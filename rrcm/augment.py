@@ -1,8 +1,12 @@
 """Batched augmentations of images (B, C, H, W) in [0, 1].
 
-Each image gets its own random parameters, all drawn from one optional `torch.Generator` (a CPU
-generator also drives tensors on a GPU), so a seed reproduces a batch of views exactly. The
-recipes are torchvision's (RandomResizedCrop, ColorJitter, ...) without a loop over images.
+Each image gets its own random parameters, all drawn from one optional `torch.Generator`, so a
+seed reproduces a batch of views exactly. The draws are made on the generator's device (a
+generator on the images' device keeps everything there; a CPU generator also drives GPU tensors,
+at the cost of a copy per draw). The recipes are torchvision's (RandomResizedCrop, ColorJitter, ...)
+as batched tensor ops: no loop over images, and no value read back to the host, so that on a GPU
+a batch of views is queued without waiting for the device. A random choice per image is a
+`torch.where` between the transformed and the untouched batch.
 """
 from __future__ import annotations
 
@@ -40,19 +44,17 @@ def _check_range(name: str, r: Range, lo: float, hi: float = math.inf) -> None:
         raise UserError(f"{name} must be an interval (min, max) inside [{lo}, {hi}], got {tuple(r)}")
 
 
-def _apply_(out: torch.Tensor, mask: torch.Tensor, fn, *params: torch.Tensor) -> None:
-    """In place: out[i] = fn(out[i], params[i]) for the images i where `mask` holds."""
-    idx = mask.nonzero().squeeze(1)
-    if len(idx):
-        out[idx] = fn(out[idx], *(p[idx] for p in params))
+def _where(mask: torch.Tensor, changed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """changed[i] where mask[i] holds, else x[i]."""
+    return torch.where(mask.view(-1, 1, 1, 1), changed, x)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma (ITU-R 601) as (B, 1, H, W); one-channel images are returned as they are."""
     if x.shape[1] == 1:
         return x
-    weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
-    return torch.einsum("bchw,c->bhw", x, weights).unsqueeze(1)
+    r, g, b = x.unbind(1)  # weights as Python numbers: a weight tensor would be a copy to the device per call
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
 def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,8 +104,7 @@ def random_resized_crop(x: torch.Tensor, size: int, scale: Range = (0.2, 1.0), r
 def random_flip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each image mirrored left-right with probability p."""
     _check_batch(x)
-    flip = _coin(len(x), p, generator, x.device).view(-1, 1, 1, 1)
-    return torch.where(flip, x.flip(-1), x)
+    return _where(_coin(len(x), p, generator, x.device), x.flip(-1), x)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -133,7 +134,8 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = torch.where(argmax == 0, bc - gc, torch.where(argmax == 1, 2 + rc - bc, 4 + gc - rc)) / 6
     h = (h + shift.view(-1, 1, 1)) % 1
     # HSV -> RGB: channel n in (R, G, B) = (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6.
-    k = (torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
+    n = torch.arange(5, 0, -2, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)  # (5, 3, 1), made on the device
+    k = (n + 6 * h.unsqueeze(1)) % 6
     rgb = (v - v * s).unsqueeze(1) + (v * s).unsqueeze(1) * (1 - torch.minimum(k, 4 - k).clamp(0, 1))
     return rgb.clamp_(0, 1)
 
@@ -154,11 +156,11 @@ def color_jitter(x: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4
     ops = [(_brightness, brightness), (_contrast, contrast)]
     if c == 3:
         ops += [(_saturation, saturation), (_hue, hue)]
-    out = x.clone()
+    out = x
     for step in range(4):
         for j, (op, strength) in enumerate(ops):
             if strength > 0:
-                _apply_(out, apply & (order[:, step] == j), op, factors[j])
+                out = _where(apply & (order[:, step] == j), op(out, factors[j]), out)
     return out
 
 
@@ -167,21 +169,24 @@ def random_grayscale(x: torch.Tensor, p: float = 0.2, generator: torch.Generator
     _check_batch(x)
     if x.shape[1] == 1:
         return x
-    gray = _coin(len(x), p, generator, x.device).view(-1, 1, 1, 1)
-    return torch.where(gray, grayscale(x).expand_as(x), x)
+    return _where(_coin(len(x), p, generator, x.device), grayscale(x).expand_as(x), x)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = x.shape
-    radius = min(math.ceil(3 * float(sigma.max())), h - 1, w - 1)
+def _blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur, image i with std sigma[i], reflected at the borders.
+
+    The kernel's radius, 3 max_sigma, comes from the range and not from the drawn sigmas, so that its
+    size is known without reading them back; the extra taps of a smaller sigma are ~0.
+    """
+    h, w = x.shape[-2:]
+    radius = min(math.ceil(3 * max_sigma), h - 1, w - 1)
     offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-0.5 * (offsets / sigma.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c, 2 radius + 1)
-    # Every (image, channel) plane is one group of a depthwise conv with its own kernel.
-    y = F.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="reflect")
-    y = F.conv2d(y, kernel.view(n * c, 1, 1, -1), groups=n * c)
-    y = F.conv2d(y, kernel.view(n * c, 1, -1, 1), groups=n * c)
-    return y.view(n, c, h, w).clamp_(0, 1)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).view(-1, 1, 1, 1, 2 * radius + 1)  # (B, 1, 1, 1, taps)
+    y = F.pad(x, (radius,) * 4, mode="reflect")
+    y = (y.unfold(-1, 2 * radius + 1, 1) * kernel).sum(-1)  # along rows: (B, C, H + 2r, W)
+    y = (y.unfold(-2, 2 * radius + 1, 1) * kernel).sum(-1)  # along columns: (B, C, H, W)
+    return y.clamp_(0, 1)
 
 
 def gaussian_blur(x: torch.Tensor, p: float = 0.5, sigma: Range = (0.1, 2.0),
@@ -191,9 +196,7 @@ def gaussian_blur(x: torch.Tensor, p: float = 0.5, sigma: Range = (0.1, 2.0),
     _check_range("blur sigma", sigma, 1e-6)
     apply = _coin(len(x), p, generator, x.device)
     sigmas = _uniform(len(x), *sigma, generator, x.device)
-    out = x.clone()
-    _apply_(out, apply, _blur, sigmas)
-    return out
+    return _where(apply, _blur(x, sigmas, sigma[1]), x)
 
 
 def solarize(x: torch.Tensor, p: float = 0.2, threshold: float = 0.5,

@@ -8,7 +8,6 @@ import os
 import pickle
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,32 +15,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from rrcm.datasets import DATASETS, DatasetInfo
 from rrcm.errors import UserError
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    num_classes: int
-    input_shape: tuple[int, int, int]  # (C, H, W)
-    default_dir: str | None = None
-    class_names: tuple[str, ...] | None = None
-
-
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-DATASETS: dict[str, DatasetInfo] = {
-    "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), "/usr/share/datasets/fashion-mnist",
-                                 FASHION_MNIST_CLASSES),
-    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32)),
-    "imagenet": DatasetInfo("imagenet", 1000, (3, 224, 224)),
-}
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
 class ImageDataset(Dataset):
     """dataset[i] == (float32 image (C, H, W) in [0, 1], int label); `batch(indices)` stacks many."""
+
+    device = torch.device("cpu")  # where `batch` gathers its tensors (and wants its indices)
 
     def __init__(self, name: str, num_classes: int, input_shape: tuple[int, int, int]):
         self.name = name
@@ -70,6 +55,14 @@ class TensorImageDataset(ImageDataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i].float().div_(255), int(self.labels[i])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> "TensorImageDataset":
+        """The same images and labels held on `device`, so that `batch` gathers there without a copy per batch."""
+        return TensorImageDataset(self.name, self.num_classes, self.images.to(device), self.labels.to(device))
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         indices = indices.long()
@@ -283,12 +276,34 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
 
 
 def _list_images(folder: str) -> list[str]:
-    return sorted(
-        os.path.join(dirpath, f)
-        for dirpath, _, files in os.walk(folder, followlinks=True)
-        for f in files
-        if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    """The image files under `folder`, following links: each real folder walked once (a link loop ends
+    there) and each real file listed once, under the first path of the (sorted, top-down) walk."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    found = []
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True, onerror=_walk_error):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames.clear()
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in sorted(files):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise UserError(f"cannot read image {path}: {e.strerror}") from None
+            if (st.st_dev, st.st_ino) not in seen_files:
+                seen_files.add((st.st_dev, st.st_ino))
+                found.append(path)
+    return sorted(found)
+
+
+def _walk_error(e: OSError) -> None:
+    raise UserError(f"cannot list {e.filename}: {e.strerror}")
 
 
 def _load_image_folders(info: DatasetInfo, root: Path, split: str, image_size: int) -> ImageFolderDataset:

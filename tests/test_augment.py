@@ -17,6 +17,7 @@ from rrcm.augment import (
     solarize,
 )
 from rrcm.errors import UserError
+from test_train import HostReads
 
 AUGMENTATIONS = {
     "crop": lambda x, g: random_resized_crop(x, x.shape[-1], generator=g),
@@ -194,6 +195,20 @@ def test_bad_input():
         PretrainViews(32, blur_p_b=1.5)
     with pytest.raises(UserError, match="image size"):
         PretrainViews(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels", [1, 3])
+def test_views_read_nothing_back_from_the_device(channels):
+    x = images(b=32, c=channels, size=28)
+    views = PretrainViews(28, blur_sigma=(0.5, 2.0))
+    reads = HostReads([x])
+    with reads:
+        out = (*views(x, gen(3)), finetune_view(x, gen(4)))
+    assert reads.reads == [] and all(reads.tagged(v) for v in out)
+    with reads:  # the check can fail: the old per-image selection read the mask's size back
+        x[torch.rand(32, generator=gen(5)) < 0.5].clamp_(0, 1)
+    assert [what for _, what in reads.reads] == ["aten.index.Tensor"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -34,15 +34,16 @@ def symmetric_info_nce(q_a: torch.Tensor, q_b: torch.Tensor, k_a: torch.Tensor, 
     return 0.5 * (info_nce(q_a, k_b, temperature, key_offset) + info_nce(q_b, k_a, temperature, key_offset))
 
 
-def consistency_finetune_loss(logits_per_copy: list[torch.Tensor], labels: torch.Tensor, lam: float,
+def consistency_finetune_loss(logits_per_copy: list[torch.Tensor], labels: torch.Tensor, lam: float | torch.Tensor,
                               eta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy + consistency regularization (Jeong & Shin, 2020) over m noisy copies.
 
     loss = mean_j CE(logits_j, y) + lam * mean_j KL(p_avg || p_j) + eta * H(p_avg), p_avg the mean
     of the copies' softmax, everything averaged over the batch. KL is taken from the average to
     each copy, as in Jeong & Shin and the rRCM code; with eta = lam the last two terms are the
-    cross-entropy of each copy against p_avg. Returns (loss, {"ce", "kl", "entropy"}) with the
-    parts unweighted and detached.
+    cross-entropy of each copy against p_avg. `lam` is one weight, or one per image (B,) (a classifier
+    for several sigmas: each image's weight for its sigma). Returns (loss, {"ce", "kl", "entropy"}) with
+    the parts unweighted and detached.
     """
     if len(logits_per_copy) < 2:
         raise ValueError("consistency regularization needs at least 2 noisy copies")
@@ -51,7 +52,9 @@ def consistency_finetune_loss(logits_per_copy: list[torch.Tensor], labels: torch
     # In log space throughout, so a softmax that underflows to 0 gives no 0 * log 0 = NaN gradient.
     log_avg = torch.logsumexp(log_probs, 0) - math.log(len(log_probs))
     p_avg = log_avg.exp()
-    kl = (p_avg * (log_avg - log_probs)).sum(2).mean()
+    kl_per_copy = (p_avg * (log_avg - log_probs)).sum(2)  # (m, B)
+    kl = kl_per_copy.mean()
     ent = -(p_avg * log_avg).sum(1).mean()
-    loss = ce + lam * kl + eta * ent
+    weighted = (lam * kl_per_copy).mean() if isinstance(lam, torch.Tensor) else lam * kl
+    loss = ce + weighted + eta * ent
     return loss, {"ce": ce.detach(), "kl": kl.detach(), "entropy": ent.detach()}

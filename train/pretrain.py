@@ -1,7 +1,8 @@
 """`rrcm pretrain`: the rRCM objective (method.md section 4) and its training loop.
 
 Per batch: views (x, a, b), one Gaussian draw n shared by every term and one time index i shared
-by the batch and all processes.
+by the batch and all processes (drawn on the host from (seed, step), so every process draws the
+same i without a broadcast, and no value is read back from the device).
 - contrastive: online(a + t_min n) against the EMA target(b + t_min n), and the swap, InfoNCE on
   the projections z;
 - consistency: online features at x + t_i n against the same network, without gradient, at
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -25,10 +26,13 @@ from rrcm.model import Encoder
 from rrcm.presets import ModelConfig
 from rrcm.schedule import T_MIN, karras_times, num_scales, target_ema
 from rrcm.train import loop
-from rrcm.train.distributed import DistEnv, gather_keys, global_batchnorm, run_in_process_group, shared_randint
+from rrcm.train.commands import DEFAULT_STEPS
+from rrcm.distributed import DistEnv
+from rrcm.train.distributed import gather_keys, global_batchnorm
 from rrcm.train.losses import TEMPERATURE, info_nce, symmetric_info_nce
 
 NOISE, VIEWS, TIME = 1, 2, 3  # random streams of a step
+CLIP = 2.0  # gradient-norm clipping after warm-up
 
 
 class OnlineNet(nn.Module):
@@ -87,11 +91,16 @@ def ema_update(target: nn.Module, online: nn.Module, rate: float) -> None:
 
 
 class Pretrainer:
-    """Model, target, optimizer and data of one pre-training run; `step_loss` is one step's loss."""
+    """Model, target, optimizer and data of one pre-training run; `step_loss` is one step's loss.
 
-    def __init__(self, cfg: ModelConfig, data: ImageDataset, args: argparse.Namespace, env: DistEnv, precision: str):
+    `steps`, the run's length, shapes the Karras-grid and EMA schedules; a time-budgeted run sets it
+    once a few timed steps have fixed it.
+    """
+
+    def __init__(self, cfg: ModelConfig, data: ImageDataset, args: argparse.Namespace, env: DistEnv, precision: str,
+                 steps: int):
         self.cfg, self.data, self.env, self.precision = cfg, data, env, precision
-        self.steps, self.seed = args.steps, args.seed
+        self.steps, self.seed = steps, args.seed
         torch.manual_seed(args.seed)
         encoder = Encoder(cfg)
         if env.distributed:
@@ -101,10 +110,15 @@ class Pretrainer:
         online = OnlineNet(self.encoder)
         self.online = DistributedDataParallel(online, device_ids=[env.device] if env.device.type == "cuda" else None) \
             if env.distributed else online
-        self.optimizer = torch.optim.AdamW(loop.param_groups(self.encoder, args.weight_decay), lr=args.lr)
+        self.optimizer = loop.adamw(loop.param_groups(self.encoder, args.weight_decay), args.lr)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-        self.order = loop.BatchOrder(len(data), args.batch_size, args.seed)
+        self.order = loop.BatchOrder(len(data), args.batch_size, args.seed, data.device)
         self.views = PretrainViews(image_size=cfg.image_size)
+
+    @property
+    def module(self) -> nn.Module:
+        """What the gradient clipping applies to."""
+        return self.encoder
 
     def parts(self) -> dict:
         """What a saved training state holds, by name."""
@@ -113,11 +127,11 @@ class Pretrainer:
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         env, dev = self.env, self.env.device
         images, _ = self.data.batch(self.order.indices(step, env))
-        images = images.to(dev, non_blocking=True)
-        x, a, b = (loop.model_space(v) for v in self.views(images, loop.make_generator("cpu", self.seed, step, env.rank, VIEWS)))
+        images = images.to(dev, non_blocking=True)  # a no-op for a dataset held on the device
+        x, a, b = (loop.model_space(v) for v in self.views(images, loop.make_generator(dev, self.seed, step, env.rank, VIEWS)))
         noise = torch.randn(x.shape, generator=loop.make_generator(dev, self.seed, step, env.rank, NOISE), device=dev)
         grid = karras_times(num_scales(step, self.steps))
-        i = shared_randint(len(grid) - 1, loop.make_generator("cpu", self.seed, step, 0, TIME), dev)
+        i = int(torch.randint(len(grid) - 1, (1,), generator=loop.make_generator("cpu", self.seed, step, 0, TIME)))
         with loop.autocast(self.precision, dev):
             return rrcm_loss(self.online, self.encoder, self.target, x, a, b, noise, float(grid[i]), float(grid[i + 1]), env.rank)
 
@@ -127,55 +141,44 @@ class Pretrainer:
         return {"ema": rate, "num_scales": num_scales(step, self.steps)}
 
 
-class _Pretrain:
-    help = "pre-train an rRCM encoder (contrastive denoising + consistency)"
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        loop.add_model_arguments(p, preset_default="fmnist-s")
-        p.add_argument("--steps", type=int, default=5000, help="optimizer steps (default 5000)")
-        loop.add_training_arguments(p, lr=5e-4)
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        return run_in_process_group(pretrain, args)
-
-
-def recipe(args: argparse.Namespace, cfg: ModelConfig, warmup: int) -> dict:
+def recipe(args: argparse.Namespace, cfg: ModelConfig, steps: int | None) -> dict:
     """The settings a resumed run must share with the saved one."""
-    return {"model": cfg.to_dict(), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": warmup,
+    return {"model": cfg.to_dict(), **loop.length_recipe(args, steps), "batch_size": args.batch_size, "lr": args.lr,
             "weight_decay": args.weight_decay, "seed": args.seed, "max_train_images": args.max_train_images}
 
 
 def pretrain(args: argparse.Namespace, env: DistEnv) -> int:
-    loop.check_positive(steps=args.steps)
+    loop.check_positive(steps=args.steps, time_budget=args.time_budget)
     loop.check_training_args(args, env)
     cfg = loop.model_config(args)
+    loop.check_memory(cfg, args.batch_size, 3, env)  # views a, b and x through the online network
     precision = loop.resolve_precision(args.precision, env.device)
-    warmup = args.steps // 10 if args.warmup is None else args.warmup
-    folder = loop.RunFolder(args.out, "encoder", recipe(args, cfg, warmup), env)
-    data = loop.load_train_data(args, cfg)
-    trainer = Pretrainer(cfg, data, args, env, precision)
+    steps = args.steps if args.steps is not None or args.time_budget is not None else DEFAULT_STEPS
+    folder = loop.RunFolder(args.out, "encoder", recipe(args, cfg, steps), env)
+    data = loop.load_train_data(args, cfg, env.device)
+    trainer = Pretrainer(cfg, data, args, env, precision, steps or loop.MEASURE_WARMUP + loop.MEASURE_STEPS)
     state = folder.resume()
     start = loop.load_training_state(state, trainer.parts()) if state is not None else 0
+    plan, spent = loop.plan_run(args, state, steps, lambda: loop.measure_step_seconds(trainer, args.lr, CLIP, env))
+    trainer.steps = plan.steps
     if env.is_main:
         what = f"resuming at step {start}" if start else "starting"
-        print(f"rrcm pretrain: {cfg.dataset} ({len(data)} images), {args.steps} steps of {args.batch_size}, "
+        sized = f" (the {args.time_budget:g} s budget at {plan.seconds_per_step * 1e3:.1f} ms a step)" if plan.time_budget else ""
+        print(f"rrcm pretrain: {cfg.dataset} ({len(data)} images), {plan.steps} steps of {args.batch_size}{sized}, "
               f"{env.world_size} process(es) on {env.device}, {precision}; {what} in {args.out}", flush=True)
 
-    def save(step: int) -> None:
+    def save(step: int, seconds: float) -> None:
         if env.is_main:
-            save_checkpoint(args.out, trainer.encoder, cfg, kind="encoder", step=step, dataset=cfg.dataset)
-        folder.save_state(loop.training_state(step, trainer.parts()))
+            # The grid reached at this step is the one a classifier fine-tuned from it is conditioned on.
+            reached = replace(cfg, grid_points=num_scales(step, plan.steps))
+            save_checkpoint(args.out, trainer.encoder, reached, kind="encoder", dataset=cfg.dataset,
+                            **loop.progress(plan, step, seconds, args.batch_size, len(data)))
+        folder.save_state(loop.training_state(step, trainer.parts(), plan=asdict(plan), train_seconds=seconds))
 
-    settings = loop.LoopSettings(args.steps, warmup, args.lr, args.batch_size, args.log_every, args.save_every, clip=2.0)
-    t0 = time.perf_counter()
-    last = loop.run_loop(settings, trainer.encoder, trainer.optimizer, trainer.scaler, start, trainer.step_loss,
-                         trainer.after_step, save, folder.log, env, desc="pretrain")
+    settings = loop.LoopSettings(plan.steps, plan.warmup, args.lr, args.batch_size, args.log_every, args.save_every,
+                                 len(data), CLIP, plan.time_budget)
+    result = loop.run_loop(settings, trainer, start, save, folder.log, env, "pretrain", spent)
     if env.is_main:
-        summary = f"final loss {last['loss']:.4f}, " if last else ""
-        print(f"rrcm pretrain: {summary}{time.perf_counter() - t0:.0f} s; encoder checkpoint in {args.out}", flush=True)
+        print(f"rrcm pretrain: {result.summary(settings)}; encoder checkpoint in {args.out}", flush=True)
     return 0
 
-
-COMMAND = _Pretrain()

@@ -12,29 +12,43 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from rrcm.checks import MAX_SEED, check_int, check_number
+from rrcm.distributed import on_rank_zero
 from rrcm.engine.certifier import Certifier, derive_seed
+from rrcm.engine.sigmas import certify_best, certify_radius_best
 from rrcm.errors import UserError
+from rrcm.outputs import OutputLock, atomic_write, check_writable, make_folder, write_error
+from rrcm.resources import check_fits
 
 HEADERS = {
     "certify": "idx\tlabel\tpredict\tradius\tcorrect\ttime",
     "predict": "idx\tlabel\tpredict\tcorrect\ttime",
     "adaptive": "idx\tlabel\tpredict\tradius\tcorrect\tsamples\ttime",  # certify --adaptive
     "radius": "idx\tlabel\tpredict\tcertified\tsamples\ttime",  # certify --radius
+    # certify at several sigmas: the best certificate and its sigma ("-" where every sigma abstains)
+    "sigmas": "idx\tlabel\tpredict\tradius\tcorrect\tsigma\ttime",
+    "radius-sigmas": "idx\tlabel\tpredict\tcertified\tsamples\tsigma\ttime",  # certify --radius at several sigmas
 }
 MODES = ("certify", "predict")
+MAX_SAMPLES = 10**15  # per image: far beyond any run, and counts stay exact in float64 statistics
+# What each TSV column may hold; a resumed file with anything else is refused.
+FIELDS = {"idx": "[0-9]+", "label": "[0-9]+", "predict": "-1|[0-9]+", "radius": r"[0-9]+(\.[0-9]+)?",
+          "correct": "[01]", "certified": "[01]", "samples": "[0-9]+", "sigma": r"-|[0-9.]+(e[-+][0-9]+)?",
+          "time": r"([0-9]+ days?, )?[0-9]+:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"}
 # Sidecar keys that may change between a run and its resumption: they do not change what a row means
 # (precision does: its rows certify another classifier).
-RESUMABLE_CHANGES = ("model", "max", "batch", "backend", "device", "data_dir", "compile")
+RESUMABLE_CHANGES = ("model", "max", "batch", "backend", "device", "data_dir", "compile", "sampler", "cuda_graphs",
+                     "agreement")
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class Job:
     certify variants, with n the estimation budget: `radius` r (a decision at r, `Certifier.certify_radius`),
     or `adaptive` (the largest radius, stopping within `tolerance` of it). `beta` bounds the chance that a
     decision at r gives up early on an image robust at r (0: never gives up before the budget).
+    `sigmas` > 1: certify (or decide at r) at that many sigmas at once (`rrcm.engine.sigmas`).
     """
 
     mode: str
@@ -58,39 +73,50 @@ class Job:
     adaptive: bool = False
     tolerance: float = 0.01
     beta: float = 1e-3
+    sigmas: int = 1
 
     @property
     def layout(self) -> str:
         """The key of the TSV's columns in HEADERS."""
+        several = "-sigmas" if self.sigmas > 1 else ""
         if self.mode == "certify" and self.radius is not None:
-            return "radius"
+            return "radius" + several
+        if self.sigmas > 1:
+            return "sigmas"
         return "adaptive" if self.mode == "certify" and self.adaptive else self.mode
 
+    @property
+    def samples_per_image(self) -> int:
+        """Noisy forward passes of one image at a fixed budget (all its sigmas)."""
+        return self.sigmas * (self.n + (self.n0 if self.mode == "certify" else 0))
+
     def check(self) -> "Job":
+        """Every value checked (type and range) before any is used; returns self."""
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r}")
         if (self.radius is not None or self.adaptive) and self.mode != "certify":
             raise UserError("--radius and --adaptive apply to certify only")
         if self.radius is not None and self.adaptive:
             raise UserError("--radius and --adaptive exclude each other: a decision at r, or the largest radius")
-        if self.radius is not None and not (math.isfinite(self.radius) and self.radius >= 0):
-            raise UserError(f"--radius must be >= 0, got {self.radius}")
-        if not 0.0 <= self.beta < 1.0:
-            raise UserError(f"--beta must be in [0, 1), got {self.beta}")
-        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
-            raise UserError(f"--tolerance must be > 0, got {self.tolerance}")
-        for name in ("n0", "n", "skip", "seed"):
-            value = getattr(self, name)
-            if value < (0 if name == "seed" else 1):
-                raise UserError(f"--{name} must be {'>= 0' if name == 'seed' else '>= 1'}, got {value}")
-        if self.max_images is not None and self.max_images < 1:
-            raise UserError(f"--max must be >= 1, got {self.max_images}")
-        if not 0.0 < self.alpha < 1.0:
-            raise UserError(f"--alpha must be in (0, 1), got {self.alpha}")
+        check_int("sigmas", self.sigmas, 1)
+        if self.sigmas > 1 and (self.mode != "certify" or self.adaptive):
+            raise UserError("several sigmas apply to certify and certify --radius only, not to predict or --adaptive")
+        if self.radius is not None:
+            check_number("--radius", self.radius, 0.0, math.inf)
+        check_number("--beta", self.beta, 0.0, 1.0, high_open=True)
+        check_number("--tolerance", self.tolerance, 0.0, math.inf, low_open=True)
+        check_number("--alpha", self.alpha, 0.0, 1.0, low_open=True, high_open=True)
+        check_int("--n0", self.n0, 1, MAX_SAMPLES)
+        check_int("--n", self.n, 1, MAX_SAMPLES)
+        check_int("--skip", self.skip, 1)
+        check_int("--seed", self.seed, 0, MAX_SEED)
+        if self.max_images is not None:
+            check_int("--max", self.max_images, 1)
         return self
 
-    def indices(self, dataset_size: int) -> list[int]:
-        return list(range(0, dataset_size, self.skip))[: self.max_images]
+    def indices(self, dataset_size: int) -> range:
+        """The image indices of this pass over a dataset of `dataset_size` images (never more than it has)."""
+        return range(0, dataset_size, self.skip)[: self.max_images]
 
 
 def round_down(radius: float) -> float:
@@ -99,34 +125,45 @@ def round_down(radius: float) -> float:
 
 
 def _format_row(mode: str, idx: int, label: int, prediction: int, radius: float, seconds: float,
-                samples: int = 0, certified: bool = False) -> str:
-    """One row of layout `mode` (a HEADERS key); `samples` for adaptive and radius rows, `certified` for radius ones."""
+                samples: int = 0, certified: bool = False, sigma: float | None = None) -> str:
+    """One row of layout `mode` (a HEADERS key); `samples` for adaptive and radius rows, `certified` for radius
+    ones, `sigma` (None: "-") for rows at several sigmas."""
     elapsed = str(datetime.timedelta(seconds=seconds))
     correct = int(prediction == label)
+    at = "-" if sigma is None else f"{sigma:g}"
     if mode == "predict":
         return f"{idx}\t{label}\t{prediction}\t{correct}\t{elapsed}"
-    if mode == "radius":
-        return f"{idx}\t{label}\t{prediction}\t{int(certified)}\t{samples}\t{elapsed}"
+    if mode in ("radius", "radius-sigmas"):
+        return f"{idx}\t{label}\t{prediction}\t{int(certified)}\t{samples}\t" + (f"{at}\t" if mode != "radius" else "") + elapsed
     row = f"{idx}\t{label}\t{prediction}\t{round_down(radius):.4f}\t{correct}"
-    return f"{row}\t{samples}\t{elapsed}" if mode == "adaptive" else f"{row}\t{elapsed}"
+    return row + {"adaptive": f"\t{samples}", "sigmas": f"\t{at}"}.get(mode, "") + f"\t{elapsed}"
 
 
 def _read_rows(path: Path, mode: str, has_header: bool) -> dict[int, str]:
-    """idx -> row of the complete lines of `path`; a last line without newline (a killed write) is dropped."""
+    """idx -> row of the complete lines of `path`; a last line without newline (a killed write) is dropped.
+    Anything else that is not a row of this layout is refused, naming the line; the file is left as it is."""
     if not path.exists():
         return {}
-    lines = path.read_text().split("\n")[:-1]  # the piece after the last newline is empty or partial
-    if has_header:
-        if not lines or lines[0] != HEADERS[mode]:
-            raise UserError(f"{path}: not a {mode} TSV of this tool (header differs); use another --out")
-        lines = lines[1:]
-    columns = HEADERS[mode].count("\t") + 1
+    try:
+        lines = path.read_bytes().split(b"\n")[:-1]  # the piece after the last newline is empty or partial
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    row = re.compile("\t".join(f"(?:{FIELDS[name]})" for name in HEADERS[mode].split("\t")))
     rows: dict[int, str] = {}
-    for number, line in enumerate(lines, start=2 if has_header else 1):
-        fields = line.split("\t")
-        if len(fields) != columns or not fields[0].isdigit():
+    for number, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: line {number} is not UTF-8 text; fix or remove it") from None
+        if has_header and number == 1:
+            if line != HEADERS[mode]:
+                raise UserError(f"{path}: not a {mode} TSV of this tool (header differs); use another --out")
+            continue
+        if not row.fullmatch(line):
             raise UserError(f"{path}: line {number} is not a {mode} row; fix or remove it")
-        rows.setdefault(int(fields[0]), line)
+        rows.setdefault(int(line.split("\t", 1)[0]), line)
+    if has_header and not lines:
+        raise UserError(f"{path}: not a {mode} TSV of this tool (no header); use another --out")
     return rows
 
 
@@ -141,9 +178,7 @@ def _merge(out: Path, mode: str) -> dict[int, str]:
     for part in parts:
         for idx, row in _read_rows(part, mode, has_header=False).items():
             rows.setdefault(idx, row)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in [HEADERS[mode], *(rows[i] for i in sorted(rows))]))
-    os.replace(tmp, out)
+    atomic_write(out, "".join(line + "\n" for line in [HEADERS[mode], *(rows[i] for i in sorted(rows))]))
     for part in parts:
         part.unlink()
     return rows
@@ -156,10 +191,11 @@ def sidecar_path(out: Path) -> Path:
 def _prepare(out: Path, mode: str, params: dict[str, Any]) -> set[int]:
     """Check FILE.tsv.json against `params`, merge the finished rows, write the sidecar: the done idx."""
     sidecar = sidecar_path(out)
+    check_writable(sidecar)
     if sidecar.exists():
         try:
             recorded = json.loads(sidecar.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
             raise UserError(f"{sidecar}: corrupt sidecar ({e}); remove it together with {out.name}") from None
         if not isinstance(recorded, dict):
             raise UserError(f"{sidecar}: corrupt sidecar; remove it together with {out.name}")
@@ -169,36 +205,32 @@ def _prepare(out: Path, mode: str, params: dict[str, Any]) -> set[int]:
                                 f"use another --out, or the same parameters to resume")
     elif out.exists() or _parts(out):
         raise UserError(f"{out} exists without its sidecar {sidecar.name}: not overwriting it; use another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps(params, indent=2) + "\n")
-    os.replace(tmp, sidecar)
+    make_folder(out.parent)
+    atomic_write(sidecar, json.dumps(params, indent=2) + "\n")
     return set(_merge(out, mode))
 
 
-def _on_rank_zero(world: int, rank: int, fn):
-    """fn() on rank 0; its result (or its UserError, re-raised everywhere) is shared with every rank."""
-    if world == 1:
-        return fn()
-    box: list[Any] = [None]
-    if rank == 0:
-        try:
-            box[0] = ("ok", fn())
-        except UserError as e:
-            box[0] = ("error", str(e))
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise UserError(value)
-    return value
+def check_batch(rows: int, input_shape: tuple[int, ...] | None, device: torch.device | str, input_bytes: int = 4) -> int:
+    """`rows` noisy samples per forward pass (--batch): an integer >= 1 whose float32 noise and model inputs
+    (`input_bytes` per element) alone fit in the device's memory, where the input shape is known."""
+    check_int("--batch", rows, 1)
+    if input_shape is not None:
+        need = rows * math.prod(input_shape) * (4 + input_bytes)
+        check_fits(need, f"a batch of {rows:,} noisy samples", device, "lower --batch")
+    return rows
 
 
-def run(certifier: Certifier, dataset, out: str | Path, job: Job, params: dict[str, Any], *,
+def run(certifier: Certifier | Sequence[Certifier], dataset, out: str | Path, job: Job, params: dict[str, Any], *,
         rank: int = 0, world: int = 1, progress: bool = True) -> Path:
     """Certify (or predict) `job`'s images of `dataset` into `out`; returns the path of the merged TSV.
 
+    `certifier`: one, or one per sigma (job.sigmas of them) for certification at several sigmas.
     `params` (everything the command line was given, JSON-serializable) becomes the sidecar.
     """
+    certifiers = [certifier] if isinstance(certifier, Certifier) else list(certifier)
+    certifier = certifiers[0]
+    if len(certifiers) != job.sigmas:
+        raise UserError(f"{len(certifiers)} certifiers for a job at {job.sigmas} sigma(s)")
     job = job.check()
     out = Path(out)
     params = {"command": job.mode, "n0": job.n0 if job.mode == "certify" else None, "n": job.n, "alpha": job.alpha,
@@ -209,16 +241,71 @@ def run(certifier: Certifier, dataset, out: str | Path, job: Job, params: dict[s
     if job.adaptive:
         params.update(adaptive=True, tolerance=job.tolerance)
     layout = job.layout
-    done = _on_rank_zero(world, rank, lambda: _prepare(out, layout, params))
-    pending = [i for i in job.indices(len(dataset)) if i not in done]
-    mine = pending[rank::world]
-    per_image = job.n + (job.n0 if job.mode == "certify" else 0)
+    check_batch(min(certifier.batch_size, job.samples_per_image * len(job.indices(len(dataset)))),
+                certifier.input_shape or certifier.backend.info.input_shape, certifier.device,
+                certifier.backend.input_dtype.itemsize)
+    lock = OutputLock(out)  # taken by rank 0 for the whole job: shards write their parts under it
+
+    def prepare() -> set[int]:
+        check_writable(out)
+        lock.acquire()
+        return _prepare(out, layout, params)
+
+    try:
+        done = on_rank_zero(rank, world, prepare)
+        pending = [i for i in job.indices(len(dataset)) if i not in done]
+        mine = pending[rank::world]
+        target = out if world == 1 else out.with_name(f"{out.name}.part{rank}")
+        try:
+            _write_rows(certifiers, dataset, job, mine, target, progress and rank == 0,
+                        f"{job.mode}" + (f" (rank 0 of {world})" if world > 1 else ""))
+        except OSError as e:
+            raise write_error(target, e) from None
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
+            raise UserError(f"out of memory on {certifier.device} with batches of {certifier.batch_size} samples: "
+                            "lower --batch (the rows written so far are kept)") from None
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            _merge(out, layout)
+    finally:
+        lock.release()
+    return out
+
+
+def _outcomes(certifiers: list[Certifier], job: Job, images: torch.Tensor, seeds: list[int]) -> list[tuple]:
+    """(prediction, radius, samples, certified, sigma) of each image, as `job` asks."""
+    certifier, layout = certifiers[0], job.layout
+    beta = job.beta or None
+    if layout == "radius":
+        d = certifier.certify_radius(images[0], job.radius, job.alpha, beta=beta, n0=job.n0, max_samples=job.n, seed=seeds[0])
+        return [(d.prediction, 0.0, d.samples, d.certified, None)]
+    if layout == "radius-sigmas":
+        d = certify_radius_best(certifiers, images[0], job.radius, job.alpha, beta=beta, n0=job.n0, max_samples=job.n,
+                                seed=seeds[0])
+        return [(d.prediction, 0.0, d.samples, d.certified, d.sigma)]
+    if layout == "sigmas":
+        return [(b.prediction, b.radius, b.samples, False, b.sigma)
+                for b in certify_best(certifiers, images, job.n0, job.n, job.alpha, seeds)]
+    if layout == "adaptive":
+        r = certifier.certify(images[0], job.n0, job.n, job.alpha, seeds[0], adaptive=True, tolerance=job.tolerance)
+        return [(r.prediction, r.radius, r.samples, False, None)]
+    if job.mode == "certify":
+        return [(r.prediction, r.radius, job.samples_per_image, False, None)
+                for r in certifier.certify_many(images, job.n0, job.n, job.alpha, seeds)]
+    return [(p, 0.0, job.samples_per_image, False, None) for p in certifier.predict_many(images, job.n, job.alpha, seeds)]
+
+
+def _write_rows(certifiers: list[Certifier], dataset, job: Job, mine: list[int], target: Path, progress: bool,
+                desc: str) -> None:
+    """Certify (or predict) images `mine` of `dataset`, appending one flushed row per image to `target`."""
+    layout = job.layout
     # Images whose samples fit in one batch go together; sequential modes take one image at a time.
-    group = max(1, certifier.batch_size // per_image) if layout in MODES else 1
+    group = max(1, certifiers[0].batch_size * job.sigmas // job.samples_per_image) if layout in ("certify", "predict", "sigmas") else 1
     spent = 0
-    target = out if world == 1 else out.with_name(f"{out.name}.part{rank}")
-    bar = tqdm(total=len(mine), unit="img", desc=f"{job.mode}" + (f" (rank 0 of {world})" if world > 1 else ""),
-               disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=len(mine), unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     with open(target, "a") as f:
         for g in range(0, len(mine), group):
@@ -226,28 +313,12 @@ def run(certifier: Certifier, dataset, out: str | Path, job: Job, params: dict[s
             images, labels = dataset.batch(torch.tensor(idx))
             seeds = [derive_seed(job.seed, i) for i in idx]
             t0 = time.perf_counter()
-            if layout == "radius":
-                d = certifier.certify_radius(images[0], job.radius, job.alpha, beta=job.beta or None, n0=job.n0,
-                                             max_samples=job.n, seed=seeds[0])
-                outcomes = [(d.prediction, 0.0, d.samples, d.certified)]
-            elif layout == "adaptive":
-                r = certifier.certify(images[0], job.n0, job.n, job.alpha, seeds[0], adaptive=True, tolerance=job.tolerance)
-                outcomes = [(r.prediction, r.radius, r.samples, False)]
-            elif job.mode == "certify":
-                results = certifier.certify_many(images, job.n0, job.n, job.alpha, seeds)
-                outcomes = [(r.prediction, r.radius, per_image, False) for r in results]
-            else:
-                outcomes = [(p, 0.0, per_image, False) for p in certifier.predict_many(images, job.n, job.alpha, seeds)]
+            outcomes = _outcomes(certifiers, job, images, seeds)
             seconds = (time.perf_counter() - t0) / len(idx)
-            for i, label, (prediction, radius, samples, certified) in zip(idx, labels.tolist(), outcomes):
-                f.write(_format_row(layout, i, label, prediction, radius, seconds, samples, certified) + "\n")
+            for i, label, (prediction, radius, samples, certified, sigma) in zip(idx, labels.tolist(), outcomes):
+                f.write(_format_row(layout, i, label, prediction, radius, seconds, samples, certified, sigma) + "\n")
                 f.flush()
                 spent += samples
             bar.update(len(idx))
             bar.set_postfix(samples_per_s=f"{spent / (time.perf_counter() - start):,.0f}")
     bar.close()
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        _merge(out, layout)
-    return out

@@ -178,7 +178,7 @@ def test_bad_input_exit_2_one_line_rows_intact(finished, tmp_path, capsys):
         (["--n0", "0", "--n", "100"], "n0"), (["--n0", "10", "--n", "0"], "n"), (["--alpha", "0"], "alpha"),
         (["--alpha", "1.5"], "alpha"), (["--batch", "0"], "batch"), (["--skip", "0"], "skip"), (["--max", "0"], "max"),
         (["--backend", "tensorflow"], "unknown backend"), (["--dataset", "mnist"], "unknown dataset"),
-        (["--data-dir", str(tmp_path / "nowhere")], "does not exist"), (["--precision", "fp8"], "unknown precision"),
+        (["--data-dir", str(tmp_path / "nowhere")], "does not exist"), (["--precision", "fp7"], "unknown precision"),
         (["--n", "200"], "n=100"), (["--seed", "4"], "seed=0"), (["--alpha", "0.01"], "alpha=0.001"),
         (["--sigma", "0.5"], "sigma 0.25"),
         (["--model", models["seven"]], "7 classes"), (["--model", models["junk.onnx"]], "not a usable ONNX model"),

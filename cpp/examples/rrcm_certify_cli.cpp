@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <iostream>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,9 @@ const char* kUsage =
     "Certify 8-bit binary PGM (P5) / PPM (P6) images with Cohen et al.'s CERTIFY; one TSV row per image:\n"
     "image, predict (-1: abstain), radius, pA_lower, count, n, time (s).\n"
     "  --model F.pt2     package written by 'rrcm export aoti'\n"
+    "  --sigma S         noise level to certify at: required for a package with a sigma input (exported from a\n"
+    "                    classifier fine-tuned for several sigmas), one it serves; a package for one sigma uses\n"
+    "                    its own, which S must equal\n"
     "  --n0 N0           selection samples (default 100)\n"
     "  --n N             estimation samples (default 100000)\n"
     "  --alpha A         failure probability of the certificate (default 0.001)\n"
@@ -72,6 +76,7 @@ int run(int argc, char** argv) {
   std::string model;
   int64_t n0 = 100, n = 100000, batch = 1000, seed = 0, device_index = -1;
   double alpha = 0.001;
+  std::optional<double> sigma;
   std::vector<std::string> images;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -87,6 +92,7 @@ int run(int argc, char** argv) {
       else if (arg == "--n0") n0 = parse_int(arg, value);
       else if (arg == "--n") n = parse_int(arg, value);
       else if (arg == "--alpha") alpha = parse_double(arg, value);
+      else if (arg == "--sigma") sigma = parse_double(arg, value);
       else if (arg == "--batch") batch = parse_int(arg, value);
       else if (arg == "--seed") seed = parse_int(arg, value);
       else if (arg == "--device-index") device_index = parse_int(arg, value);
@@ -98,7 +104,7 @@ int run(int argc, char** argv) {
   if (model.empty() || images.empty()) throw rrcm::UserError("need --model F.pt2 and at least one image (see --help)");
 
   rrcm::check_parameters(n0, n, alpha, batch);
-  rrcm::Certifier certifier(model, static_cast<int>(device_index));
+  rrcm::Certifier certifier(model, static_cast<int>(device_index), sigma);
   std::vector<at::Tensor> pixels;  // all read and checked before any output
   for (const auto& path : images) {
     pixels.push_back(rrcm::read_pnm(path));
@@ -109,8 +115,9 @@ int run(int argc, char** argv) {
     }
   }
   const rrcm::ModelInfo& info = certifier.info();
-  std::fprintf(stderr, "model: %s, sigma %g, %lld classes, input %lldx%lldx%lld, dataset %s, device %s\n",
-               model.c_str(), info.sigma, static_cast<long long>(info.num_classes),
+  const std::string input = info.sigma_input ? " (sigma input: " + rrcm::describe_sigmas(info) + ")" : "";
+  std::fprintf(stderr, "model: %s, sigma %g%s, %lld classes, input %lldx%lldx%lld, dataset %s, device %s\n",
+               model.c_str(), info.sigma, input.c_str(), static_cast<long long>(info.num_classes),
                static_cast<long long>(info.channels), static_cast<long long>(info.height),
                static_cast<long long>(info.width), info.dataset.c_str(), info.device.c_str());
   std::printf("image\tpredict\tradius\tpA_lower\tcount\tn\ttime\n");
@@ -134,8 +141,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "rrcm-certify-cpp: error: %s\n", e.what());
     return 2;
   } catch (const std::exception& e) {
-    std::string what = e.what();
-    std::fprintf(stderr, "rrcm-certify-cpp: internal error: %s\n", what.substr(0, what.find('\n')).c_str());
+    std::fprintf(stderr, "rrcm-certify-cpp: internal error: %s\n", rrcm::first_line(e.what()).c_str());
     return 1;
   }
 }

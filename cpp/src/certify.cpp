@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <vector>
@@ -16,11 +18,6 @@
 
 namespace rrcm {
 namespace {
-
-std::string first_line(const std::string& s) {
-  auto end = s.find('\n');
-  return end == std::string::npos ? s : s.substr(0, end);
-}
 
 const std::string& require(const std::unordered_map<std::string, std::string>& m, const std::string& key) {
   auto it = m.find(key);
@@ -50,11 +47,50 @@ int64_t to_int(const std::string& key, const std::string& value) {
   throw UserError("package metadata '" + key + "' is not an integer: " + value);
 }
 
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> parts;
+  size_t start = 0;
+  while (start <= s.size()) {
+    size_t end = std::min(s.find(',', start), s.size());
+    parts.push_back(s.substr(start, end - start));
+    start = end + 1;
+  }
+  return parts;
+}
+
+std::string format_g(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+// Python's math.isclose(a, b, rel_tol=1e-9), which rrcm uses for sigmas.
+bool is_close(double a, double b) { return std::abs(a - b) <= 1e-9 * std::max(std::abs(a), std::abs(b)); }
+
+bool positive(double v) { return std::isfinite(v) && v > 0; }
+
 }  // namespace
 
 ModelInfo parse_metadata(const std::unordered_map<std::string, std::string>& m) {
   ModelInfo info;
-  info.sigma = to_double("rrcm.sigma", require(m, "rrcm.sigma"));
+  if (m.count("rrcm.sigmas") || m.count("rrcm.sigma_range")) {
+    info.sigma_input = true;
+    const std::string key = m.count("rrcm.sigmas") ? "rrcm.sigmas" : "rrcm.sigma_range";
+    std::vector<double> values;
+    for (const auto& part : split_commas(m.at(key))) values.push_back(to_double(key, part));
+    if (!std::all_of(values.begin(), values.end(), positive)) throw UserError("package metadata holds impossible sigmas");
+    if (key == "rrcm.sigmas") {
+      info.sigmas = values;
+    } else if (values.size() == 2 && values[0] < values[1]) {
+      info.sigma_lo = values[0];
+      info.sigma_hi = values[1];
+    } else {
+      throw UserError("package metadata 'rrcm.sigma_range' is not LO,HI with LO < HI: " + m.at(key));
+    }
+  } else {
+    info.sigma = to_double("rrcm.sigma", require(m, "rrcm.sigma"));
+    if (!positive(info.sigma)) throw UserError("package metadata holds impossible values");
+  }
   info.num_classes = to_int("rrcm.num_classes", require(m, "rrcm.num_classes"));
   info.input_scale = to_double("rrcm.input_scale", require(m, "rrcm.input_scale"));
   info.input_shift = to_double("rrcm.input_shift", require(m, "rrcm.input_shift"));
@@ -64,23 +100,48 @@ ModelInfo parse_metadata(const std::unordered_map<std::string, std::string>& m) 
   info.version = require(m, "rrcm.version");
   const std::string& shape = require(m, "rrcm.input_shape");  // "C,H,W"
   std::vector<int64_t> dims;
-  size_t start = 0;
-  while (start <= shape.size()) {
-    size_t end = std::min(shape.find(',', start), shape.size());
-    dims.push_back(to_int("rrcm.input_shape", shape.substr(start, end - start)));
-    start = end + 1;
-  }
+  for (const auto& part : split_commas(shape)) dims.push_back(to_int("rrcm.input_shape", part));
   if (dims.size() != 3) throw UserError("package metadata 'rrcm.input_shape' is not C,H,W: " + shape);
   info.channels = dims[0];
   info.height = dims[1];
   info.width = dims[2];
-  if (info.sigma <= 0 || info.num_classes < 1 || info.channels < 1 || info.batch < 0) {
+  if (info.num_classes < 1 || info.channels < 1 || info.batch < 0) {
     throw UserError("package metadata holds impossible values");
   }
   if (info.device != "cpu" && info.device != "cuda") {
     throw UserError("package compiled for unsupported device '" + info.device + "'");
   }
   return info;
+}
+
+std::string describe_sigmas(const ModelInfo& info) {
+  if (!info.sigma_input) return "sigma " + format_g(info.sigma);
+  if (info.sigmas.empty()) return "sigma in [" + format_g(info.sigma_lo) + ", " + format_g(info.sigma_hi) + "]";
+  std::string text = "sigma ";
+  for (size_t i = 0; i < info.sigmas.size(); ++i) {
+    text += (i == 0 ? "" : i + 1 == info.sigmas.size() ? " and " : ", ") + format_g(info.sigmas[i]);
+  }
+  return text;
+}
+
+double choose_sigma(const ModelInfo& info, std::optional<double> sigma) {
+  if (sigma && !positive(*sigma)) throw UserError("sigma must be a positive number, got " + format_g(*sigma));
+  if (!info.sigma_input) {
+    if (sigma && !is_close(*sigma, info.sigma)) {
+      throw UserError("the package was built for sigma " + format_g(info.sigma) + ", not " + format_g(*sigma));
+    }
+    return info.sigma;
+  }
+  if (!sigma) {
+    throw UserError("the package takes the noise level as an input and serves " + describe_sigmas(info) +
+                    ": give the sigma to certify at (--sigma)");
+  }
+  const double s = *sigma;
+  const bool served = info.sigmas.empty()
+                          ? (s >= info.sigma_lo && s <= info.sigma_hi) || is_close(s, info.sigma_lo) || is_close(s, info.sigma_hi)
+                          : std::any_of(info.sigmas.begin(), info.sigmas.end(), [s](double v) { return is_close(s, v); });
+  if (!served) throw UserError("the package serves " + describe_sigmas(info) + ", not " + format_g(s));
+  return s;
 }
 
 double clopper_pearson_lower(int64_t k, int64_t n, double alpha) {
@@ -152,17 +213,16 @@ at::Tensor read_pnm(const std::string& path) {
   return hwc.permute({2, 0, 1}).to(at::kFloat).div_(static_cast<double>(maxval)).contiguous();
 }
 
-Certifier::Certifier(const std::string& package_path, int device_index) : device_(at::kCPU) {
+Certifier::Certifier(const std::string& package_path, int device_index, std::optional<double> sigma) : device_(at::kCPU) {
   if (!std::filesystem::is_regular_file(package_path)) throw UserError(package_path + ": no such package file");
-  try {
-    loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(package_path, "model", false, 1,
-                                                                      static_cast<c10::DeviceIndex>(device_index));
-  } catch (const c10::Error& e) {
-    throw UserError(package_path + ": not a loadable AOTInductor package (" + first_line(e.what_without_backtrace()) + ")");
-  }
+  loader_ = load_package(package_path, device_index);
   info_ = parse_metadata(loader_->get_metadata());
+  info_.sigma = choose_sigma(info_, sigma);
   if (info_.device == "cuda") {
     device_ = device_index < 0 ? at::Device(at::kCUDA) : at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index));
+  }
+  if (info_.sigma_input) {
+    sigma_input_ = at::full({1}, info_.sigma, at::TensorOptions().device(device_).dtype(at::kFloat));
   }
 }
 
@@ -174,6 +234,7 @@ at::Tensor Certifier::sample_counts(const at::Tensor& image, int64_t num, int64_
   const auto options = at::TensorOptions().device(device_).dtype(at::kFloat);
   const auto x = image.to(options).unsqueeze(0);
   auto counts = at::zeros({info_.num_classes}, options.dtype(at::kLong));
+  auto finite = at::ones({1}, options.dtype(at::kLong));  // cleared by a NaN or Inf logit, read with the counts
   if (info_.batch > 0) batch = info_.batch;
   for (int64_t done = 0; done < num;) {
     const int64_t b = std::min(batch, num - done);
@@ -184,11 +245,17 @@ at::Tensor Certifier::sample_counts(const at::Tensor& image, int64_t num, int64_
     // may return channels-last strides that still count as contiguous.
     auto u = at::randn({rows, info_.channels, info_.height, info_.width}, gen, options);
     u.mul_(info_.sigma).add_(x).mul_(info_.input_scale).add_(info_.input_shift);
-    auto logits = loader_->run({u})[0];
-    counts += at::bincount(logits.slice(0, 0, b).argmax(1), {}, info_.num_classes);
+    auto logits = info_.sigma_input ? loader_->run({u, sigma_input_})[0] : loader_->run({u})[0];
+    const auto real = logits.slice(0, 0, b);
+    finite.mul_(real.isfinite().all());
+    counts += at::bincount(real.argmax(1), {}, info_.num_classes);
     done += b;
   }
-  return counts.cpu();
+  const auto host = at::cat({counts, finite}).cpu();  // one synchronization
+  if (host[info_.num_classes].item<int64_t>() == 0) {
+    throw UserError("the model gave NaN or Inf logits on noisy inputs; it cannot be certified");
+  }
+  return host.slice(0, 0, info_.num_classes);
 }
 
 void Certifier::check_image(const at::Tensor& image) const {

@@ -9,7 +9,6 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
 from rrcm.errors import UserError
 
@@ -32,8 +31,11 @@ class _Demo:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        import torch
+
         from rrcm.classifier import load_classifier
-        from rrcm.data import DATASETS, load_dataset
+        from rrcm.data import load_dataset
+        from rrcm.datasets import DATASETS
         from rrcm.engine.analyze import Certificates, markdown_table
         from rrcm.engine.certifier import Certifier, derive_seed
         from rrcm.engine.runner import round_down

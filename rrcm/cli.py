@@ -9,18 +9,20 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
-from rrcm.errors import UserError
+from rrcm.errors import PerformanceWarning, UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rrcm.engine.demo:COMMAND", "certify a few Fashion-MNIST test images with the bundled rRCM classifier"),
     "info": ("rrcm.cli:INFO", "print a preset's sizes and parameter counts per part"),
-    "pretrain": ("rrcm.train.pretrain:COMMAND", "pre-train an rRCM encoder (contrastive denoising + consistency)"),
-    "finetune": ("rrcm.train.finetune:COMMAND", "fine-tune an encoder into a classifier for one noise level"),
+    "pretrain": ("rrcm.train.commands:PRETRAIN", "pre-train an rRCM encoder (contrastive denoising + consistency)"),
+    "finetune": ("rrcm.train.commands:FINETUNE", "fine-tune an encoder into a classifier for one noise level, or one for several"),
     "certify": ("rrcm.engine.commands:CERTIFY", "certify test images (Cohen et al.'s CERTIFY), one TSV row each"),
     "predict": ("rrcm.engine.commands:PREDICT", "smoothed predictions with abstention (Cohen et al.'s PREDICT)"),
     "analyze": ("rrcm.engine.analyze:COMMAND", "certified-accuracy table, average certified radius and plot of TSVs"),
     "export": ("rrcm.export.commands:COMMAND", "export a classifier for one sigma (onnx, aoti, tensorrt)"),
+    "bench": ("rrcm.engine.bench:COMMAND", "certification throughput here: reference loop, engine configurations, fraction of the limit"),
 }
 
 
@@ -29,8 +31,16 @@ def _load(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as rrcm's one-line errors (exit code 2), not usage text; subcommand
+    parsers inherit it."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser(selected: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rrcm",
         description="Train, export and certify rRCM classifiers with randomized smoothing.",
         epilog="Run 'rrcm COMMAND --help' for a command's options.",
@@ -45,16 +55,36 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+_format_warning = warnings.formatwarning
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """rrcm's own warnings as one line, like its errors; other libraries' with their source line."""
+    if issubclass(category, PerformanceWarning):
+        return f"rrcm: warning: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open, so that the error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = _warning_line
     selected = next((a for a in argv if not a.startswith("-")), None)
     try:
         args = build_parser(selected).parse_args(argv)
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"rrcm: error: {e}", file=sys.stderr)
+        _end_progress_bars()
+        print(f"rrcm: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("rrcm: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout piped into a reader that has quit (e.g. head): stop quietly
@@ -69,7 +99,9 @@ class _Info:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("preset", help="preset name (rrcm-b-imagenet, rrcm-s-imagenet, rrcm-b-cifar, fmnist-s, fmnist-b, tiny)")
+        from rrcm.presets import PRESETS
+
+        p.add_argument("preset", metavar="PRESET", help=f"preset name: {', '.join(PRESETS)}")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:

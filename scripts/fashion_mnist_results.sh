@@ -23,7 +23,7 @@ for m in rrcm base; do
             --out "$RESULTS/$m-$s.tsv"
     done
 done
-(cd "$RESULTS" && $rrcm analyze rrcm-{0.25,0.5,1.0}.tsv --versus base-{0.25,0.5,1.0}.tsv --plot certified-accuracy.png)
+(cd "$RESULTS" && $rrcm analyze rrcm-{0.25,0.5,1.0}.tsv --versus base-{0.25,0.5,1.0}.tsv --labels rRCM baseline --plot certified-accuracy.png)
 # The bundled classifiers are the rRCM ones, in rrcm/weights/fashion-mnist/sigma-{0.25,0.5,1}/.
 for s in 0.25 0.5 1.0; do
     dest="rrcm/weights/fashion-mnist/sigma-$(python3 -c "print(f'{$s:g}')")"

@@ -1,17 +1,12 @@
 #!/usr/bin/env bash
-# Install rrcm into .venv (CPU torch), certify a few test images with the bundled classifier (rrcm demo),
-# then train and certify a small rRCM on Fashion-MNIST end to end.
+# Install rrcm and everything its tests use (scripts/install.sh: system packages, then .venv with CPU torch),
+# certify a few test images with the bundled classifier (rrcm demo), then train and certify a small rRCM on
+# Fashion-MNIST end to end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/quickstart}
 
-if [ ! -x .venv/bin/rrcm ]; then
-    python3 -m venv .venv
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q torch==2.13.0          # pinned first: never the CUDA build
-    .venv/bin/python -m pip install -q -e ".[onnx,gpu,test]"
-fi
-[ -d /usr/share/datasets/fashion-mnist ] || { echo "Fashion-MNIST missing: apt-get install dataset-fashion-mnist" >&2; exit 2; }
+bash scripts/install.sh
 rrcm=.venv/bin/rrcm
 
 $rrcm demo

@@ -4,13 +4,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import math
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from rrcm.errors import UserError
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+if TYPE_CHECKING:  # torch is imported when a command runs, not for --help
+    import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8")  # their dtypes: rrcm.engine.backends.PRECISIONS
 
 
 def _sha256(paths: list[Path]) -> str:
@@ -22,19 +25,42 @@ def _sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def load_model(spec: str, sigma: float | None, device: torch.device):
-    """(model, fingerprint): an exported file (.onnx, .pt2, .plan) as is, or a checkpoint folder / bundled name through load_classifier."""
+def load_model(spec: str, sigma: float | None, device: torch.device, backend: str | None = None):
+    """(model, fingerprint): an exported file (.onnx, .pt2, .plan) as is, or a checkpoint folder / bundled name
+    through load_classifier. A file of another suffix runs only with an explicit `backend`."""
     from rrcm.checkpoint import CONFIG, WEIGHTS
     from rrcm.classifier import load_classifier, resolve_checkpoint
+    from rrcm.engine.backends import SUFFIXES
 
     path = Path(spec)
-    if path.is_file() or path.suffix == ".onnx":
+    if path.is_file() or path.suffix in SUFFIXES:
         if not path.is_file():
             raise UserError(f"{path}: no such file")
+        if path.suffix not in SUFFIXES and backend is None:
+            raise UserError(f"{path}: not a model file rrcm runs ({', '.join(SUFFIXES)} from 'rrcm export'); give a "
+                            f"checkpoint folder or a bundled model name, or --backend for a file named otherwise")
         return str(path), _sha256([path])
     model = load_classifier(spec, sigma, device=device)
     folder = resolve_checkpoint(spec, sigma)
     return model, _sha256([folder / WEIGHTS, folder / CONFIG])
+
+
+MIN_AGREEMENT = 0.995  # on CUDA, a lower precision that gives the float32 top class less often is refused
+
+
+def precision_agreement(model, backend, inputs, precision: str, batch: int, verbose: bool = True) -> float:
+    """How often `backend` (a lower precision) gives the float32 classifier's top class on noisy `inputs`; on CUDA,
+    below MIN_AGREEMENT is refused: that precision would certify a classifier too far from the one trained."""
+    from rrcm.export.runtime import backend_agreement
+
+    agreement = backend_agreement(model, backend, inputs=inputs, batch=batch).argmax_agreement
+    if verbose:
+        print(f"rrcm: {precision} gives the float32 classifier's top class on {agreement:.2%} of {len(inputs)} noisy "
+              f"training images", flush=True)
+    if backend.device.type == "cuda" and agreement < MIN_AGREEMENT:
+        raise UserError(f"{precision} agrees with float32 on only {agreement:.2%} of noisy training images (at least "
+                        f"{MIN_AGREEMENT:.1%} needed on a GPU); use bf16 or fp32")
+    return agreement
 
 
 class _Command:
@@ -46,9 +72,13 @@ class _Command:
                     "(the '--' stops torchrun from reading --n and --max as its own options).")
         p.add_argument("--model", required=True,
                        help="fine-tuned checkpoint folder, bundled model name (fashion-mnist), or an exported file: "
-                            ".onnx, .pt2 (AOTInductor) or .plan (TensorRT) from 'rrcm export'")
-        p.add_argument("--sigma", type=float, default=None,
-                       help="noise std in pixel space (images in [0, 1]); default: the one the model records")
+                            ".onnx, .pt2 (AOTInductor) or .plan (TensorRT) from 'rrcm export'; several, comma-separated, "
+                            "one per --sigma")
+        sigma_help = "noise std in pixel space (images in [0, 1]); default: the one the model records"
+        if self.mode == "certify":
+            sigma_help += ("; several, comma-separated (e.g. 0.25,0.5,1.0): each image certified at every sigma at level "
+                           "alpha / K with noise of its own, the largest radius kept with its sigma (a sigma column)")
+        p.add_argument("--sigma", default=None, help=sigma_help)
         p.add_argument("--dataset", default=None,
                        help="test set: fashion-mnist, cifar10 or imagenet (default: the one the model was trained on)")
         p.add_argument("--data-dir", default=None, help="folder of the dataset (default: its standard location)")
@@ -76,87 +106,173 @@ class _Command:
         p.add_argument("--seed", type=int, default=0,
                        help="noise seed; image idx draws from seed (seed, idx), so reruns and shards agree (default 0)")
         p.add_argument("--backend", default=None,
-                       help="torch, onnxruntime, aoti or tensorrt (default: by the file's suffix, torch for a checkpoint; "
-                            "onnxruntime exports a checkpoint on the fly)")
+                       help="torch, onnxruntime, aoti or tensorrt (default: by the file's suffix; for a checkpoint the one "
+                            "--precision auto picks, else torch; onnxruntime exports a checkpoint on the fly)")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--compile", action="store_true", help="torch backend: run the model through torch.compile")
         p.add_argument("--sound", action="store_true",
                        help="sound sampling: noise rounded to the 1/255 grid of 8-bit images (Voracek & Hein, 2023), "
                             "no floating-point holes in the certificate; off-grid images are refused")
-        p.add_argument("--precision", default="fp32",
-                       help="torch backend: fp32, bf16, or int8 (x86 CPUs, needs torchao: static quantization calibrated "
-                            "on 512 noisy training images); the certificate is for the classifier at that precision "
-                            "(default fp32)")
+        p.add_argument("--sampler", choices=("torch", "triton"), default=None,
+                       help="noise sampler: triton (one fused kernel per batch; the default on CUDA when triton is "
+                            "installed) or torch (torch ops; the default on CPU, and the only one for --sound)")
+        p.add_argument("--cuda-graphs", action="store_true",
+                       help="CUDA, triton sampler, torch backend: capture sampler, model and counting of a full batch once "
+                            "as a CUDA graph and replay it (the last batch of an image padded, its padding never counted)")
+        p.add_argument("--precision", default="auto",
+                       help="auto (default): the classifier's own precision, fp32, on the fastest runtime this CPU offers "
+                            "for it (torch eager, torch.compile or ONNX Runtime), timed once per model and machine and "
+                            "cached (a checkpoint without --backend or --compile; otherwise, and on a GPU, plain fp32). "
+                            "fp32, bf16, fp16 or fp8 (CUDA, compute capability >= 8.9), or int8 (x86 CPUs, needs torchao: "
+                            "static quantization calibrated on 512 noisy training images) run the torch backend; the "
+                            "certificate is for the classifier at that precision, whose agreement with float32 is measured "
+                            "first on 512 other noisy training images (refused below 99.5%% on a GPU)")
         p.add_argument("--out", required=True,
                        help="TSV to write (idx label predict [radius] correct time, or as the modes above say); rerun to resume")
 
     def run(self, args: argparse.Namespace) -> int:
         from rrcm.data import load_dataset
+        from rrcm.distributed import setup, teardown
         from rrcm.engine import runner
-        from rrcm.engine.backends import make_backend
-        from rrcm.engine.certifier import Certifier
-        from rrcm.train.distributed import setup, teardown
+        from rrcm.outputs import check_writable
 
         certify = self.mode == "certify"
         if certify and args.tolerance is not None and not args.adaptive:
             raise UserError("--tolerance applies to --adaptive only")
         if certify and args.beta is not None and args.radius is None:
             raise UserError("--beta applies to --radius only")
+        pairs = model_sigma_pairs(args.model, args.sigma)
         variants = {"radius": args.radius, "adaptive": args.adaptive} if certify else {}
         if certify and args.tolerance is not None:
             variants["tolerance"] = args.tolerance
         if certify and args.beta is not None:
             variants["beta"] = args.beta
         job = runner.Job(self.mode, args.n, args.alpha, args.n0 if certify else 100,
-                         args.skip, args.max, args.seed, **variants).check()
-        if args.precision not in PRECISIONS:
-            raise UserError(f"unknown precision {args.precision!r}; choose from {', '.join(PRECISIONS)}")
-        options = {}
-        if args.compile or args.precision != "fp32":
-            if args.backend not in (None, "torch") or Path(args.model).suffix in (".onnx", ".pt2", ".plan"):
-                raise UserError("--compile and --precision apply to the torch backend only")
-            options = {"compile": args.compile, "dtype": PRECISIONS[args.precision]}
+                         args.skip, args.max, args.seed, sigmas=len(pairs), **variants).check()
+        if args.precision not in PRECISIONS and args.precision != "auto":
+            raise UserError(f"unknown precision {args.precision!r}; choose from auto, {', '.join(PRECISIONS)}")
+        if (args.compile or args.precision not in ("auto", "fp32")) and (
+                args.backend not in (None, "torch") or any(Path(m).suffix in (".onnx", ".pt2", ".plan") for m, _ in pairs)):
+            raise UserError("--compile and --precision apply to the torch backend only")
+        check_writable(args.out)  # before any model is loaded, probed or compiled
         # Processes wait at the final barrier for the slowest shard: allow for long runs.
         env = setup(args.device, timeout=datetime.timedelta(days=7))
-        rank, world, device = env.rank, env.world_size, env.device
-        finished = False
+        rank, finished = env.rank, False
         try:
-            model, fingerprint = load_model(args.model, args.sigma, device)
-            batch = args.batch if args.batch is not None else (1000 if device.type == "cuda" else 128)
-            if args.precision == "int8":
-                from rrcm.engine.quantize import dataset_calibration
-
-                train = load_dataset(args.dataset or model.cfg.dataset, "train", args.data_dir)
-                options.update(calibration=dataset_calibration(train, model.sigma), static_batch=batch)
-            backend = make_backend(model, device, args.backend, **options)
-            info = backend.info
-            sigma = args.sigma if args.sigma is not None else info.sigma
-            if sigma is None:
-                raise UserError(f"{args.model} records no sigma: give --sigma")
-            dataset_name = args.dataset or info.dataset  # checkpoint config or ONNX metadata
-            if dataset_name is None:
-                raise UserError(f"{args.model} records no dataset: give --dataset")
-            dataset = load_dataset(dataset_name, "test", args.data_dir)
-            if info.num_classes is not None and info.num_classes != dataset.num_classes:
-                raise UserError(f"{args.model} has {info.num_classes} classes, {dataset_name} has {dataset.num_classes}")
-            certifier = Certifier(model, dataset.num_classes, sigma, batch_size=batch, backend=backend, sound=args.sound)
-            if certifier.input_shape is None:
-                certifier.check_input(dataset.input_shape, args.model)
-            if certifier.input_shape != tuple(dataset.input_shape):
-                raise UserError(f"{args.model} takes inputs of shape {certifier.input_shape}, "
-                                f"{dataset_name} images are {tuple(dataset.input_shape)}")
-            params = {"model": args.model, "model_sha256": fingerprint, "sigma": sigma, "dataset": dataset_name,
-                      "data_dir": args.data_dir, "batch": batch, "backend": backend.name, "device": str(device),
-                      "precision": args.precision, "compile": args.compile}
-            if args.sound:  # recorded only when set, so that older sidecars still resume
-                params["sound"] = True
-            out = runner.run(certifier, dataset, args.out, job, params, rank=rank, world=world)
+            certifiers, params = build_certifiers(args, pairs, env)
+            dataset = load_dataset(params["dataset"], "test", args.data_dir)
+            for certifier in certifiers:
+                if certifier.input_shape is None:
+                    certifier.check_input(dataset.input_shape, args.model)
+                if certifier.input_shape != tuple(dataset.input_shape):
+                    raise UserError(f"{args.model} takes inputs of shape {certifier.input_shape}, "
+                                    f"{params['dataset']} images are {tuple(dataset.input_shape)}")
+            out = runner.run(certifiers[0] if len(certifiers) == 1 else certifiers, dataset, args.out, job, params,
+                             rank=rank, world=env.world_size)
             if rank == 0:
-                print(f"{out}: {job.mode} of {len(job.indices(len(dataset)))} {dataset_name} test images at sigma {sigma:g} done")
+                from rrcm.engine.analyze import summary_line
+
+                sigmas = ", ".join(f"{c.sigma:g}" for c in certifiers)
+                print(f"{out}: {job.mode} of {len(job.indices(len(dataset)))} {params['dataset']} test images at sigma "
+                      f"{sigmas} done")
+                print(summary_line(out, processes=env.world_size))
             finished = True
         finally:
             teardown(finished)
         return 0
+
+
+def model_sigma_pairs(models: str, sigmas: str | None) -> list[tuple[str, float | None]]:
+    """(model, sigma) for each certifier of a run: one model at each of several sigmas, one model per sigma, or
+    one model at its own sigma (None)."""
+    from rrcm.checks import check_number
+
+    values = None
+    if sigmas is not None:
+        try:
+            values = [float(v) for v in sigmas.split(",")]
+        except ValueError:
+            raise UserError(f"--sigma must be a number or comma-separated numbers, got {sigmas!r}") from None
+        values = [check_number("--sigma", v, 0.0, math.inf, low_open=True) for v in values]
+        if len(set(values)) != len(values):
+            raise UserError(f"--sigma lists a sigma twice: {sigmas}")
+    names = [models] if Path(models).exists() else models.split(",")
+    if len(names) == 1:
+        return [(names[0], v) for v in values] if values else [(names[0], None)]
+    if values is None:
+        return [(name, None) for name in names]
+    if len(values) != len(names):
+        raise UserError(f"--model names {len(names)} models for {len(values)} sigmas: give one model, or one per sigma")
+    return list(zip(names, values))
+
+
+def build_certifiers(args: argparse.Namespace, pairs: list[tuple[str, float | None]], env) -> tuple[list, dict]:
+    """A Certifier per (model, sigma) on this process's device, with the backend, precision and sampler asked for
+    (`--precision auto` probes the runtime once, for the first), and the sidecar's parameters of the run."""
+    from rrcm.data import load_dataset
+    from rrcm.datasets import DATASETS
+    from rrcm.engine import backends, runner
+    from rrcm.engine.certifier import Certifier
+
+    device, rank = env.device, env.rank
+    precision = "fp32" if args.precision == "auto" else args.precision  # auto: the fastest fp32 runtime
+    options = {"compile": args.compile, "dtype": backends.PRECISIONS[precision]} \
+        if args.compile or precision != "fp32" else {}
+    batch = args.batch if args.batch is not None else (1000 if device.type == "cuda" else 128)
+    certifiers, fingerprints, agreements, choice, dataset = [], [], [], None, None
+    for spec, sigma in pairs:
+        model, fingerprint = load_model(spec, sigma, device, args.backend)
+        runner.check_batch(batch, getattr(model, "input_shape", None), device)  # before any batch is run
+        check_inputs = None
+        if precision != "fp32":  # another classifier than the float32 one: calibrated and checked on noisy training images
+            from rrcm.engine.quantize import dataset_calibration
+
+            train = load_dataset(args.dataset or model.cfg.dataset, "train", args.data_dir)
+            check_inputs = dataset_calibration(train, model.sigma, seed=1)
+            if precision == "int8":
+                options.update(calibration=dataset_calibration(train, model.sigma), static_batch=batch)
+        if args.precision == "auto" and args.backend is None and not args.compile and not isinstance(model, str):
+            from rrcm.engine.autoselect import build_runtime, select_runtime
+
+            if choice is None:
+                backend, choice = select_runtime(model, fingerprint, batch, device, rank=rank, world=env.world_size)
+                if rank == 0:
+                    print(choice.summary(batch), flush=True)
+            else:  # the same network at another sigma: the same runtime
+                backend = build_runtime(model, choice.runtime, device)
+        else:  # an exported file runs at the sigma asked for (a graph with a sigma input needs one)
+            at = {"sigma": sigma} if isinstance(model, str) and sigma is not None else {}
+            backend = backends.make_backend(model, device, args.backend, **options, **at)
+        if check_inputs is not None:
+            agreements.append(precision_agreement(model, backend, check_inputs, precision, batch, verbose=rank == 0))
+        sigma = sigma if sigma is not None else backend.info.sigma
+        if sigma is None:
+            raise UserError(f"{spec} records no sigma: give --sigma")
+        name = args.dataset or backend.info.dataset  # checkpoint config or ONNX metadata
+        if name is None:
+            raise UserError(f"{spec} records no dataset: give --dataset")
+        if name not in DATASETS:
+            raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+        if dataset is not None and name != dataset:
+            raise UserError(f"the models of one run must certify one dataset, got {dataset} and {name}")
+        dataset = name
+        certifiers.append(Certifier(model, DATASETS[name].num_classes, sigma, batch_size=batch, backend=backend,
+                                    sound=args.sound, sampler=args.sampler, cuda_graphs=args.cuda_graphs))
+        fingerprints.append(fingerprint)
+    first = certifiers[0]
+    several = len(certifiers) > 1
+    params = {"model": args.model, "model_sha256": fingerprints if several else fingerprints[0],
+              "sigma": [c.sigma for c in certifiers] if several else first.sigma, "dataset": dataset,
+              "data_dir": args.data_dir, "batch": batch, "backend": first.backend.name, "device": str(device),
+              "precision": precision, "compile": choice.compile if choice else args.compile,
+              "sampler": first.sampler.name, "cuda_graphs": args.cuda_graphs}
+    if agreements:
+        params["agreement"] = round(min(agreements), 4)
+    if first.backend.name == "torch" and first.backend.activation_bits == 7:  # recorded only then: older int8 runs resume
+        params["int8_activation_bits"] = 7
+    if args.sound:  # recorded only when set, so that older sidecars still resume
+        params["sound"] = True
+    return certifiers, params
 
 
 CERTIFY = _Command("certify", "certify test images (Cohen et al.'s CERTIFY), one TSV row each")

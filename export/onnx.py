@@ -5,145 +5,172 @@ certify from pixel-space noise. It uses the TorchScript exporter (`dynamo=False`
 it is the fast, stable path and emits only plain opset-17 operators (Conv, Gemm/MatMul, LayerNormalization,
 Softmax, Erf, shape ops) that ONNX Runtime and TensorRT parse. What a runtime needs to know is recorded
 in the model's metadata_props under "rrcm.*" keys.
+
+A classifier fine-tuned for several sigmas exports, without --sigma, to one graph for all of them: a
+second input `sigma` (float, shape (1,)) from which the graph computes the grid time, the input scaling
+and the time token (ArgMin over the Karras grid, Log, Cos, Sin: operators that TensorRT's ONNX parser
+also lists); the metadata records the sigmas it serves, and its runtime is built for one of them.
 """
 from __future__ import annotations
 
 import argparse
 import io
-import math
-import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from rrcm.classifier import load_classifier
-from rrcm.engine.backends import ModelInfo
+from rrcm.checks import check_int
+from rrcm.classifier import load_for_export
+from rrcm.device import resolve_device
 from rrcm.errors import UserError, first_line
-from rrcm.export.commands import add_model_arguments
+from rrcm.export.runtime import (Agreement, ModelInfo, agreement_at_each_sigma, check_batch, exported_info, from_metadata,
+                                 run_in_chunks, runtime_sigma, to_metadata)
+from rrcm.outputs import OutputLock, atomic_write, check_writable, make_folder
 
-PREFIX = "rrcm."
-INPUT, OUTPUT = "x", "logits"
-
-
-def to_metadata(info: ModelInfo) -> dict[str, str]:
-    values = {
-        "sigma": repr(float(info.sigma)),
-        "num_classes": str(info.num_classes),
-        "input_shape": ",".join(map(str, info.input_shape)),
-        "dataset": info.dataset or "",
-    }
-    return {PREFIX + k: v for k, v in values.items()}
-
-
-def from_metadata(metadata: dict[str, str], source: str) -> ModelInfo:
-    """The ModelInfo recorded by `export_onnx`; all fields None for an ONNX file of other origin."""
-    values = {k.removeprefix(PREFIX): v for k, v in metadata.items() if k.startswith(PREFIX)}
-    if not values:
-        return ModelInfo()
-    try:
-        info = ModelInfo(float(values["sigma"]), int(values["num_classes"]),
-                         tuple(int(d) for d in values["input_shape"].split(",")), values["dataset"] or None)
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{source}: corrupt rrcm metadata ({type(e).__name__}: {e})") from None
-    if not (info.sigma > 0 and math.isfinite(info.sigma)) or info.num_classes < 2 or len(info.input_shape) != 3:
-        raise UserError(f"{source}: corrupt rrcm metadata (impossible sigma, classes or input shape)")
-    return info
+INPUT, SIGMA, OUTPUT = "x", "sigma", "logits"
 
 
 def export_onnx(classifier: nn.Module, *, opset: int = 17, static_batch: int | None = None) -> bytes:
     """The serialized ONNX model of `classifier` (a NoisyImageClassifier, or any module with its `sigma`,
-    `num_classes` and `input_shape` attributes), passed through `onnx.checker` with full shape inference.
+    `num_classes` and `input_shape` attributes; or a SigmaInputClassifier: a graph with the second input
+    `sigma`), passed through `onnx.checker` with full shape inference.
 
     The batch dimension is dynamic unless `static_batch` fixes it.
     """
     import onnx
 
-    if static_batch is not None and static_batch < 1:
-        raise UserError(f"--static-batch must be >= 1, got {static_batch}")
-    if opset < 17:
-        raise UserError(f"opset must be >= 17 (LayerNormalization), got {opset}")
-    info = ModelInfo(classifier.sigma, classifier.num_classes, tuple(classifier.input_shape),
-                     getattr(getattr(classifier, "cfg", None), "dataset", None))
+    check_int("--opset", opset, 17, onnx.defs.onnx_opset_version())  # 17: the first with LayerNormalization
+    info = exported_info(classifier)
     device = next(classifier.parameters()).device
-    example = torch.rand((static_batch or 2, *info.input_shape), device=device)
+    if static_batch is not None:
+        check_batch("--static-batch", static_batch, info.input_shape, device)
+    example = (torch.rand((static_batch or 2, *info.input_shape), device=device),)
+    names = [INPUT]
+    if info.serves is not None:
+        example += (torch.tensor(info.serves.representatives()[:1], dtype=torch.float32, device=device),)
+        names.append(SIGMA)
     dynamic = None if static_batch else {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter announces its successor
         try:
-            torch.onnx.export(classifier.eval(), (example,), buffer, input_names=[INPUT], output_names=[OUTPUT],
+            torch.onnx.export(classifier.eval(), example, buffer, input_names=names, output_names=[OUTPUT],
                               dynamic_axes=dynamic, opset_version=opset, dynamo=False)
         except (torch.onnx.errors.OnnxExporterError, ValueError, RuntimeError) as e:
             raise UserError(f"ONNX export failed at opset {opset}: {first_line(e)}") from None
     model = onnx.load_from_string(buffer.getvalue())
     onnx.helper.set_model_props(model, to_metadata(info))
-    model.doc_string = f"rrcm classifier for sigma {info.sigma:g}: pixel-space noisy images in [0, 1] -> logits"
+    takes = "" if info.serves is None else f" and their noise level (input '{SIGMA}', shape (1,))"
+    model.doc_string = f"rrcm classifier for {info.noise_levels()}: pixel-space noisy images in [0, 1]{takes} -> logits"
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
 
 
 def save_onnx(data: bytes, out: str | Path) -> None:
     """Write a serialized model to `out` through a temporary file, so `out` is never half-written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    atomic_write(make_folder(Path(out).parent) / Path(out).name, data)
 
 
-@dataclass(frozen=True)
-class Agreement:
-    max_logit_diff: float
-    argmax_agreement: float  # fraction of inputs with the same top class
-    samples: int
+class OnnxRuntimeBackend:
+    """An ONNX model (a file, its bytes, or a module exported on the fly) in an ONNX Runtime session.
 
+    `rrcm export onnx` graphs take pixel-space input, so the sampler's affine map is the identity.
+    On a CUDA device the CUDA execution provider reads and writes torch tensors in place (IO binding).
+    A graph with a static batch size gets any batch in chunks of that size, the last one padded.
+    A graph with a sigma input runs at `sigma`, which must be one it serves (`info.sigma` is then that
+    sigma); for a graph of one sigma, `sigma` may be given and must be its own.
+    """
 
-def backend_agreement(classifier: nn.Module, backend, samples: int = 256, seed: int = 0) -> Agreement:
-    """An engine backend against `classifier` on random noisy images x + sigma * z, x uniform in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand((samples, *classifier.input_shape), generator=g)
-    x = x + classifier.sigma * torch.randn(x.shape, generator=g)
-    with torch.no_grad():
-        expected = classifier(x.to(next(classifier.parameters()).device)).float().to(backend.device)
-    got = backend.forward((x * backend.input_scale + backend.input_shift).to(backend.device))
-    return Agreement(float((got - expected).abs().max()), float((got.argmax(1) == expected.argmax(1)).double().mean()), samples)
+    name = "onnxruntime"
+
+    def __init__(self, model: str | Path | bytes | nn.Module, device: str | torch.device = "cpu", *,
+                 threads: int | None = None, sigma: float | None = None):
+        import onnxruntime as ort
+
+        self.device = resolve_device(device)
+        self.input_dtype = torch.float32
+        self.input_scale, self.input_shift = 1.0, 0.0
+        if isinstance(model, nn.Module):
+            if not all(hasattr(model, a) for a in ("sigma", "num_classes", "input_shape")):
+                raise UserError("the onnxruntime backend exports a module only if it has sigma, num_classes and "
+                                "input_shape (like load_classifier's); export it yourself with torch.onnx")
+            model = export_onnx(model)
+        source = "ONNX model" if isinstance(model, bytes) else str(model)
+        if not isinstance(model, bytes) and not Path(model).is_file():
+            raise UserError(f"{model}: no such ONNX file")
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError("this onnxruntime has no CUDA provider: install onnxruntime-gpu, or use --device cpu")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own types for unreadable, invalid and unsupported files
+            raise UserError(f"{source}: not a usable ONNX model ({first_line(e)})") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        recorded = from_metadata(self.session.get_modelmeta().custom_metadata_map, source)
+        wanted = "one float input of shape (N, C, H, W)" + ("" if recorded.serves is None else " and a float sigma of shape (1,)")
+        if (len(inputs) != 1 + (recorded.serves is not None) or len(outputs) < 1 or inputs[0].type != "tensor(float)"
+                or len(inputs[0].shape) != 4 or any(i.type != "tensor(float)" or i.shape != [1] for i in inputs[1:])):
+            raise UserError(f"{source}: expected {wanted}, got {[(i.name, i.type, i.shape) for i in inputs]}")
+        self.sigma = runtime_sigma(recorded, sigma, source)
+        self.sigma_feed = {i.name: np.array([self.sigma], dtype=np.float32) for i in inputs[1:]}
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        batch, *dims = inputs[0].shape
+        self.static_batch = batch if isinstance(batch, int) else None
+        graph_shape = tuple(dims) if all(isinstance(d, int) for d in dims) else None
+        if recorded.input_shape and graph_shape and recorded.input_shape != graph_shape:
+            raise UserError(f"{source}: graph input {graph_shape} contradicts the recorded input shape {recorded.input_shape}")
+        width = outputs[0].shape[-1] if len(outputs[0].shape) == 2 else None
+        self.info = ModelInfo(self.sigma, recorded.num_classes or (width if isinstance(width, int) else None),
+                              recorded.input_shape or graph_shape, recorded.dataset, recorded.serves)
+        if self.device.type == "cuda" and self.info.num_classes is None:
+            raise UserError(f"{source}: the output width (number of classes) must be static to run on CUDA")
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.contiguous()
+        if self.device.type == "cpu":
+            return torch.from_numpy(self.session.run([self.output_name], {self.input_name: batch.numpy(), **self.sigma_feed})[0])
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(batch.shape), batch.data_ptr())
+        for name, value in self.sigma_feed.items():
+            binding.bind_cpu_input(name, value)
+        logits = torch.empty((len(batch), self.info.num_classes), device=self.device)
+        binding.bind_output(self.output_name, "cuda", index, np.float32, tuple(logits.shape), logits.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # the session reads the batch on its own stream
+        self.session.run_with_iobinding(binding)
+        return logits
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return run_in_chunks(self._run, batch, self.static_batch).float()
 
 
 def compare_with_torch(model: bytes | str | Path, classifier: nn.Module, samples: int = 512, seed: int = 0) -> Agreement:
-    """ONNX Runtime (CPU) against `classifier` on random noisy images x + sigma * z, x uniform in [0, 1]."""
-    from rrcm.engine.backends import OnnxRuntimeBackend
+    """ONNX Runtime (CPU) against `classifier` on random noisy images x + sigma * z, x uniform in [0, 1]; a graph
+    with a sigma input at each sigma that stands for those it serves (`agreement_at_each_sigma`)."""
+    return agreement_at_each_sigma(classifier, lambda sigma: OnnxRuntimeBackend(model, "cpu", sigma=sigma), samples, seed)
 
-    return backend_agreement(classifier, OnnxRuntimeBackend(model, "cpu"), samples, seed)
 
-
-class _ExportOnnx:
-    help = "export a classifier for one sigma to ONNX (pixel-space input, dynamic batch), checked against torch"
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        add_model_arguments(p)
-        p.add_argument("--out", required=True, help="ONNX file to write (e.g. model.onnx)")
-        p.add_argument("--opset", type=int, default=17, help="ONNX opset version, >= 17 (default 17)")
-        p.add_argument("--static-batch", type=int, default=None, metavar="B",
-                       help="fix the batch dimension to B (default: dynamic batch)")
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        classifier = load_classifier(args.model, args.sigma)
+def run_export(args: argparse.Namespace) -> int:
+    """`rrcm export onnx` (its options: rrcm.export.commands)."""
+    with OutputLock(check_writable(args.out)):
+        classifier = load_for_export(args.model, args.sigma)
         data = export_onnx(classifier, opset=args.opset, static_batch=args.static_batch)
         check = compare_with_torch(data, classifier)
         if check.argmax_agreement < 0.99:
             raise UserError(f"ONNX Runtime disagrees with torch on {1 - check.argmax_agreement:.1%} of noisy inputs "
                             f"(max |logit diff| {check.max_logit_diff:.2e}); {args.out} not written")
         save_onnx(data, args.out)
-        print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB, opset {args.opset}, batch {args.static_batch or 'dynamic'}): "
-              f"sigma {classifier.sigma:g}, {classifier.num_classes} classes, input {tuple(classifier.input_shape)}; "
-              f"checked on {check.samples} noisy inputs: max |logit diff| {check.max_logit_diff:.2e}, "
-              f"argmax agreement {check.argmax_agreement:.2%}")
-        return 0
-
-
-ONNX_COMMAND = _ExportOnnx()
+    print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB, opset {args.opset}, batch {args.static_batch or 'dynamic'}): "
+          f"{exported_info(classifier).noise_levels()}, {classifier.num_classes} classes, input {tuple(classifier.input_shape)}; "
+          f"checked on {check.samples} noisy inputs: max |logit diff| {check.max_logit_diff:.2e}, "
+          f"argmax agreement {check.argmax_agreement:.2%}")
+    return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,11 +24,9 @@ from tqdm import tqdm
 import rrcm
 from rrcm.classifier import NoisyImageClassifier, load_classifier
 from rrcm.device import resolve_device
-from rrcm.engine.backends import ModelInfo
 from rrcm.errors import UserError
-from rrcm.export.aoti import run_in_chunks
-from rrcm.export.onnx import backend_agreement
-from rrcm.export.commands import add_model_arguments
+from rrcm.export.runtime import ModelInfo, backend_agreement, check_batch, run_in_chunks, runtime_sigma
+from rrcm.outputs import OutputLock, atomic_write, check_writable, make_folder
 
 INSTALL_HINT = ("TensorRT is not installed: 'pip install tensorrt' on a machine with an NVIDIA GPU and CUDA, "
                 "or NVIDIA's packages (https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/installing.html)")
@@ -73,7 +70,7 @@ class PlanInfo:
         return plan.with_name(plan.name + ".json")
 
     def write(self, plan: Path) -> None:
-        self.sidecar(plan).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        atomic_write(self.sidecar(plan), json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, plan: Path) -> "PlanInfo":
@@ -84,7 +81,7 @@ class PlanInfo:
             d = json.loads(path.read_text())
             d["input_shape"] = tuple(d["input_shape"])
             return cls(**d)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, OSError) as e:
             raise UserError(f"{path}: corrupt plan metadata ({type(e).__name__})") from None
 
 
@@ -142,11 +139,12 @@ class TypedClassifier(nn.Module):
 class TensorRTBackend:
     """A plan written by `rrcm export tensorrt`, for the engine: `forward(x)` gives float32 logits of
     pixel-space noisy images on the plan's GPU, in chunks of at most the plan's batch (static plans: padded).
+    Plans are for one sigma (a classifier of several is exported with --sigma); a given `sigma` must be the plan's.
     """
 
     name = "tensorrt"
 
-    def __init__(self, model: str | Path, device: str | torch.device = "cuda"):
+    def __init__(self, model: str | Path, device: str | torch.device = "cuda", *, sigma: float | None = None):
         trt = import_tensorrt()
         if not isinstance(model, (str, Path)):
             raise UserError("the tensorrt backend runs a .plan file written by 'rrcm export tensorrt'")
@@ -157,6 +155,7 @@ class TensorRTBackend:
         if device.type != "cuda":
             raise UserError(f"TensorRT plans run on a CUDA device, not {device}")
         plan = PlanInfo.read(path)
+        runtime_sigma(ModelInfo(plan.sigma), sigma, str(path))
         gpu, capability = _gpu(device)
         if capability != plan.compute_capability:
             raise UserError(f"{path}: built for {plan.gpu} (compute capability {plan.compute_capability}), this GPU is "
@@ -195,58 +194,35 @@ class TensorRTBackend:
         return run_in_chunks(self._run, batch.to(self.device, torch.float32).contiguous(), self.plan.batch, self.plan.static)
 
 
-class _ExportTensorRT:
-    help = "build a TensorRT plan (.plan) of a classifier for one sigma from its ONNX export (needs tensorrt and a GPU)"
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        add_model_arguments(p)
-        p.add_argument("--out", required=True, help="plan file to write, ending in .plan (metadata goes to OUT.json)")
-        precision = p.add_mutually_exclusive_group()
-        precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
-                               help="compute in float16 (inputs and logits stay float32)")
-        precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
-                               help="compute in bfloat16 (ONNX opset 22; inputs and logits stay float32)")
-        p.set_defaults(precision="fp32")
-        p.add_argument("--batch", type=int, default=None, metavar="B",
-                       help="fix the batch size to B (default: any batch size up to --max-batch)")
-        p.add_argument("--max-batch", type=int, default=1000, metavar="M",
-                       help="largest batch of a dynamic-batch plan, also the size it is tuned for (default 1000)")
-        p.add_argument("--device", default="cuda", help="GPU to build for, e.g. cuda:1 (default: cuda)")
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        trt = import_tensorrt()
-        out = Path(args.out)
-        if out.suffix != ".plan":
-            raise UserError(f"{out}: a TensorRT plan must end in .plan")
-        batch = args.batch or args.max_batch
-        if batch < 1:
-            raise UserError(f"the batch size must be >= 1, got {batch}")
-        device = resolve_device(args.device)
-        gpu, capability = _gpu(device)
-        with tqdm(total=3, desc="export tensorrt", unit="step") as progress:
-            classifier = load_classifier(args.model, args.sigma, device=device)
-            onnx_model = onnx_for_tensorrt(classifier, args.precision, args.batch)
-            progress.update()
-            progress.set_postfix_str("building the TensorRT engine")
-            with torch.cuda.device(device):
-                plan = build_plan(onnx_model, tuple(classifier.input_shape), batch, args.batch is not None)
-            info = PlanInfo(classifier.sigma, classifier.num_classes, tuple(classifier.input_shape), classifier.cfg.dataset,
-                            args.precision, batch, args.batch is not None, gpu, capability, trt.__version__)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            info.write(out)
-            partial = out.with_name(out.name + ".partial")
-            partial.write_bytes(plan)
-            os.replace(partial, out)
-            progress.update()
-            progress.set_postfix_str("checking against torch")
-            check = backend_agreement(classifier, TensorRTBackend(out, device))
-            progress.update()
-        print(f"wrote {out} ({len(plan) / 1e6:.1f} MB, {args.precision}, batch {batch}{'' if args.batch else ' max'}, "
-              f"{gpu}, TensorRT {trt.__version__}): sigma {classifier.sigma:g}, {classifier.num_classes} classes; checked on "
-              f"{check.samples} noisy inputs: max |logit diff| {check.max_logit_diff:.2e}, argmax agreement {check.argmax_agreement:.2%}")
-        return 0
-
-
-TENSORRT_COMMAND = _ExportTensorRT()
+def run_export(args: argparse.Namespace) -> int:
+    """`rrcm export tensorrt` (its options: rrcm.export.commands)."""
+    trt = import_tensorrt()
+    out = Path(args.out)
+    if out.suffix != ".plan":
+        raise UserError(f"{out}: a TensorRT plan must end in .plan")
+    device = resolve_device(args.device)
+    gpu, capability = _gpu(device)
+    with OutputLock(check_writable(out)), tqdm(total=3, desc="export tensorrt", unit="step") as progress:
+        classifier = load_classifier(args.model, args.sigma, device=device)
+        shape = tuple(classifier.input_shape)
+        static = args.batch is not None
+        batch = check_batch("--batch" if static else "--max-batch", args.batch if static else args.max_batch,
+                            shape, device)
+        onnx_model = onnx_for_tensorrt(classifier, args.precision, args.batch)
+        progress.update()
+        progress.set_postfix_str("building the TensorRT engine")
+        with torch.cuda.device(device):
+            plan = build_plan(onnx_model, shape, batch, static)
+        info = PlanInfo(classifier.sigma, classifier.num_classes, shape, classifier.cfg.dataset,
+                        args.precision, batch, static, gpu, capability, trt.__version__)
+        make_folder(out.parent)
+        info.write(out)
+        atomic_write(out, plan)
+        progress.update()
+        progress.set_postfix_str("checking against torch")
+        check = backend_agreement(classifier, TensorRTBackend(out, device))
+        progress.update()
+    print(f"wrote {out} ({len(plan) / 1e6:.1f} MB, {args.precision}, batch {batch}{'' if args.batch else ' max'}, "
+          f"{gpu}, TensorRT {trt.__version__}): sigma {classifier.sigma:g}, {classifier.num_classes} classes; checked on "
+          f"{check.samples} noisy inputs: max |logit diff| {check.max_logit_diff:.2e}, argmax agreement {check.argmax_agreement:.2%}")
+    return 0

@@ -111,20 +111,28 @@ class Encoder(nn.Module):
         """(B,) times -> (B, 1, D) tokens."""
         return self.time_embed(time_embedding(t, self.cfg.embed_dim)).unsqueeze(1)
 
-    def tokens_to_features(self, x_in: torch.Tensor, time_tok: torch.Tensor) -> torch.Tensor:
-        """Run the transformer on already-scaled inputs c_in * x_t with a ready time token."""
+    def cls_output(self, x_in: torch.Tensor, time_tok: torch.Tensor) -> torch.Tensor:
+        """The last block's cls token (B, D), before the final norm, for already-scaled inputs c_in * x_t
+        and a ready time token."""
         patches = self.patch_embed(x_in)
         B = patches.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), time_tok.expand(B, -1, -1).to(patches.dtype), patches], 1)
         x = x + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x[:, 0])
+        return x[:, 0]
+
+    def tokens_to_features(self, x_in: torch.Tensor, time_tok: torch.Tensor) -> torch.Tensor:
+        """The representation h: the final norm of `cls_output`."""
+        return self.norm(self.cls_output(x_in, time_tok))
+
+    def scaled_inputs(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_in(t) * x_t, time tokens) of noisy images x_t at times t (B,)."""
+        return c_in(t).to(x_t.dtype).view(-1, 1, 1, 1) * x_t, self.time_token(t)
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Representation h (B, D) of noisy images x_t at times t (B,)."""
-        scale = c_in(t).to(x_t.dtype).view(-1, 1, 1, 1)
-        return self.tokens_to_features(scale * x_t, self.time_token(t))
+        return self.tokens_to_features(*self.scaled_inputs(x_t, t))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, h): projection (for the contrastive term) and representation."""
@@ -135,18 +143,26 @@ class Encoder(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Fine-tuned rRCM: encoder (as `base_model`) + linear head on the representation."""
+    """Fine-tuned rRCM: encoder (as `base_model`) + linear head on its cls token, after the final norm
+    only if `cfg.final_norm` (the paper's fine-tuning `layernorm` option)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.base_model = Encoder(cfg, with_projection=False)
+        if not cfg.final_norm:  # kept for the public state dicts' `norm.*`; frozen so that DDP sees no unused parameter
+            self.base_model.norm.requires_grad_(False)
         self.linear_head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         nn.init.trunc_normal_(self.linear_head.weight, std=2e-5)
         nn.init.zeros_(self.linear_head.bias)
 
+    def logits_from_tokens(self, x_in: torch.Tensor, time_tok: torch.Tensor) -> torch.Tensor:
+        """Logits for already-scaled inputs c_in * x_t with a ready time token."""
+        h = self.base_model.cls_output(x_in, time_tok)
+        return self.linear_head(self.base_model.norm(h) if self.cfg.final_norm else h)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.linear_head(self.base_model.features(x_t, t))
+        return self.logits_from_tokens(*self.base_model.scaled_inputs(x_t, t))
 
 
 def count_parameters(module: nn.Module | None) -> int:

@@ -19,14 +19,15 @@ PIXEL_MEAN = 0.5
 PIXEL_STD = 0.5
 START_SCALES = 20
 END_SCALES = 80
-FINAL_SCALES = END_SCALES + 1  # the grid used for fine-tuning and certification
+FINAL_SCALES = END_SCALES + 1  # the grid used for fine-tuning and certification after a full pre-training
+PAPER_TOTAL_STEPS = 600_000  # the schedule length the paper's fine-tuning and certification derive N(k) with
 
 
 def karras_times(num_scales: int, t_min: float = T_MIN, t_max: float = T_MAX, rho: float = RHO) -> torch.Tensor:
     """The Karras grid t_0 > t_1 > ... > t_{N-1} (float64), t_0 = t_max, t_{N-1} = t_min."""
     if num_scales < 2:
         raise ValueError("a Karras grid needs at least 2 points")
-    i = torch.arange(num_scales, dtype=torch.float64)
+    i = torch.arange(num_scales, dtype=torch.float64, device="cpu")  # host numbers, whatever the default device
     lo, hi = t_min ** (1 / rho), t_max ** (1 / rho)
     return (hi + i / (num_scales - 1) * (lo - hi)) ** rho
 
@@ -72,12 +73,18 @@ def time_for_sigma(sigma: float) -> float:
     return float(sigma) / PIXEL_STD
 
 
+def nearest_grid_times(t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The point of `grid` nearest to each time in t (any shape), in grid's dtype: plain tensor ops, which
+    training draws per image and exported graphs compute from their sigma input."""
+    return grid[(grid - t.to(grid.dtype).unsqueeze(-1)).abs().argmin(-1)]
+
+
 def nearest_time(t: float, num_points: int = FINAL_SCALES) -> float:
     """The grid point of the `num_points` Karras grid nearest to t."""
-    grid = karras_times(num_points)
-    return float(grid[(grid - t).abs().argmin()])
+    return float(nearest_grid_times(torch.tensor(float(t), dtype=torch.float64, device="cpu"), karras_times(num_points)))
 
 
-def grid_time_for_sigma(sigma: float) -> float:
-    """The time a classifier for pixel noise `sigma` is conditioned on."""
-    return nearest_time(time_for_sigma(sigma))
+def grid_time_for_sigma(sigma: float, num_points: int = FINAL_SCALES) -> float:
+    """The time a classifier for pixel noise `sigma` is conditioned on: the nearest point of its
+    `num_points` grid (a checkpoint's `ModelConfig.grid_points`)."""
+    return nearest_time(time_for_sigma(sigma), num_points)

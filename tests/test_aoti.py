@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 
-from deploy_helpers import SIGMA, fashion_test_images, tiny_checkpoint, tiny_package
+from deploy_helpers import SIGMA, SIGMAS, fashion_test_images, tiny_checkpoint, tiny_package, tiny_sigma_package
 from rrcm import NoisyImageClassifier, load_classifier
 from rrcm.engine import Certifier
 from rrcm.errors import UserError
@@ -71,6 +71,25 @@ def test_same_counts_as_torch_backend_on_same_noise(package, classifier):
         assert a.counts.tolist() == b.counts.tolist()
         assert (a.prediction, a.radius, a.p_lower) == (b.prediction, b.radius, b.p_lower)
     assert len({r.prediction for r in eager}) > 1, "the test classifier should not predict one class everywhere"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA package needs a CUDA GPU")
+def test_cuda_package_matches_torch_on_the_gpu(classifier):
+    package = tiny_package("cuda", 500)
+    backend = AotiBackend(package, "cuda")
+    assert backend.static_batch == 500 and backend.runner.get_metadata()["rrcm.device"] == "cuda"
+    u = torch.randn((700, 1, 28, 28), generator=torch.Generator().manual_seed(0)).cuda()
+    on_gpu = classifier.to("cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(backend.forward(u), on_gpu.forward_model_input(u), atol=1e-3, rtol=1e-3)
+    images, _ = fashion_test_images(3)
+    for sampler in ("torch", "triton"):
+        compiled = Certifier(str(package), 10, SIGMA, batch_size=500, device="cuda", sampler=sampler)
+        eager = Certifier(on_gpu, 10, SIGMA, batch_size=500, device="cuda", sampler=sampler)
+        for a, b in zip(compiled.certify_many(images, 100, 900, 0.001, [1, 2, 3]),
+                        eager.certify_many(images, 100, 900, 0.001, [1, 2, 3])):
+            assert abs(a.counts - b.counts).sum() <= 4 and a.prediction == b.prediction
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +178,44 @@ def test_export_command_bad_input_exit_2(tmp_path):
         assert done.stderr.strip().splitlines()[-1].startswith("rrcm: error: "), done.stderr
         assert "Traceback" not in done.stderr
     assert not list(tmp_path.glob("*.pt2"))
+
+
+# --- a classifier fine-tuned for several sigmas: one package with a sigma input -------------------------------
+
+@pytest.fixture(scope="module")
+def sigma_package():
+    return tiny_sigma_package()
+
+
+def test_sigma_input_package_matches_torch_at_each_sigma(sigma_package):
+    checkpoint = tiny_checkpoint("sigmas")
+    metadata = AotiBackend(sigma_package, sigma=0.5).runner.get_metadata()
+    assert metadata["rrcm.sigmas"] == "0.25,0.5,1.0" and "rrcm.sigma" not in metadata
+    x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for sigma in SIGMAS:
+        backend = AotiBackend(sigma_package, sigma=sigma)
+        assert backend.info.sigma == sigma and (backend.input_scale, backend.input_shift) == (1.0, 0.0)
+        noisy = x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = load_classifier(checkpoint, sigma)(noisy)
+        logits[sigma] = backend.forward(noisy)
+        torch.testing.assert_close(logits[sigma], expected, atol=1e-4, rtol=1e-4)
+        assert torch.equal(logits[sigma].argmax(1), expected.argmax(1))
+    assert (logits[0.25] - logits[1.0]).abs().max() > 0.1  # the sigma input is live
+
+
+def test_sigma_input_package_gives_the_torch_counts_and_refuses_other_sigmas(sigma_package):
+    checkpoint = tiny_checkpoint("sigmas")
+    images, _ = fashion_test_images(3)
+    seeds = [21, 22, 23]
+    for sigma in (0.5, 1.0):
+        compiled = Certifier(str(sigma_package), 10, sigma, batch_size=300).certify_many(images, 100, 500, 0.001, seeds)
+        eager = Certifier(load_classifier(checkpoint, sigma), 10, sigma, batch_size=300).certify_many(images, 100, 500, 0.001, seeds)
+        for a, b in zip(compiled, eager):
+            assert a.counts.tolist() == b.counts.tolist()
+            assert (a.prediction, a.radius, a.p_lower) == (b.prediction, b.radius, b.p_lower)
+    with pytest.raises(UserError, match="serves sigma 0.25, 0.5 and 1: give"):
+        AotiBackend(sigma_package)
+    with pytest.raises(UserError, match="fine-tuned for sigma 0.25, 0.5 and 1, not 0.3"):
+        Certifier(str(sigma_package), 10, 0.3)

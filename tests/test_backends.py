@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from deploy_helpers import SIGMA, fashion_test_images, tiny_checkpoint
+from deploy_helpers import SIGMA, SIGMAS, fashion_test_images, tiny_checkpoint
 from rrcm import load_classifier
+from rrcm.classifier import load_for_export
 from rrcm.engine import Certifier
-from rrcm.engine.backends import BACKENDS, OnnxRuntimeBackend, TorchBackend, make_backend
+from rrcm.engine.backends import BACKENDS, TorchBackend, make_backend
 from rrcm.errors import UserError
-from rrcm.export.onnx import export_onnx, save_onnx
+from rrcm.export.onnx import OnnxRuntimeBackend, export_onnx, save_onnx
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,6 +39,23 @@ def test_torch_and_onnxruntime_same_counts_on_same_noise(classifier, onnx_file):
         assert (a.prediction, a.radius) == (b.prediction, b.radius)
     # The tiny classifier is not constant: the comparison covers several classes.
     assert len({int(np.argmax(r.counts)) for r in torch_results}) > 1 or max(r.counts.max() for r in torch_results) < 2000
+
+
+def test_sigma_input_graph_gives_the_torch_counts_at_each_sigma(tmp_path):
+    """A graph exported once for every sigma a classifier was fine-tuned for certifies like the torch classifier
+    loaded for each sigma, on the same noise."""
+    checkpoint = tiny_checkpoint("sigmas")
+    path = tmp_path / "sigmas.onnx"
+    save_onnx(export_onnx(load_for_export(checkpoint)), path)
+    images, _ = fashion_test_images(4)
+    seeds = list(range(20, 24))
+    for sigma in SIGMAS:
+        eager = Certifier(load_classifier(checkpoint, sigma), 10, sigma, batch_size=500).certify_many(images, 100, 1000, 0.001, seeds)
+        graph = Certifier(str(path), 10, sigma, batch_size=500).certify_many(images, 100, 1000, 0.001, seeds)
+        for a, b in zip(eager, graph):
+            assert np.array_equal(a.counts, b.counts), sigma
+            assert (a.prediction, a.radius) == (b.prediction, b.radius)
+    assert make_backend(str(path), sigma=0.5).info.sigma == 0.5
 
 
 def test_backend_inputs_and_info(classifier, onnx_file):

@@ -117,7 +117,7 @@ def test_bad_checkpoints(tmp_path, checkpoint):
     (folder / "config.json").write_text("{broken")
     with pytest.raises(UserError, match="corrupt config"):
         load_classifier(folder)
-    with pytest.raises(UserError, match="bundled model 'fashion-mnist' has classifiers for sigma"):
+    with pytest.raises(UserError, match="bundled model 'fashion-mnist' has a classifier for each of sigma 0.25, 0.5, 1"):
         load_classifier("fashion-mnist", sigma=0.3)
 
 
@@ -130,7 +130,7 @@ def test_pickle_is_never_executed(tmp_path):
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"w": Evil()}))
-    with pytest.raises(UserError, match="unreadable or unsafe"):
+    with pytest.raises(UserError, match="unreadable or unsafe|not a zip archive"):
         read_state_dict(path)
 
 

@@ -1,16 +1,21 @@
-"""`rrcm finetune`: a classifier for one noise level (method.md section 5).
+"""`rrcm finetune`: a classifier for one noise level, or one for several (method.md section 5).
 
 The classifier head on h and the whole encoder are trained, with layer-wise learning-rate decay,
 on m = 2 noisy copies of each image (pixel noise sigma, i.e. model-space time t = 2 sigma, the
 network conditioned on the grid time nearest to t) with cross-entropy + consistency
 regularization. `--from-scratch` runs the same loop from a random initialization: the Gaussian
 augmentation + consistency baseline.
+
+With `--sigmas` (a list) or `--sigma-range` one classifier learns several noise levels: each image
+draws its own sigma (both its copies share it, so the consistency term compares like with like),
+uniformly from the list, or log-uniformly from the range; its time token is the grid time of 2 sigma
+and its consistency weight the paper's rule at its sigma. The loss is otherwise the same.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,22 +23,69 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rrcm.augment import finetune_view
 from rrcm.checkpoint import load_weights, read_config, save_checkpoint
-from rrcm.data import ImageDataset, load_dataset
+from rrcm.data import ImageDataset, TensorImageDataset, load_dataset
 from rrcm.errors import UserError
 from rrcm.model import Classifier
 from rrcm.presets import ModelConfig
-from rrcm.schedule import grid_time_for_sigma, time_for_sigma
+from rrcm.schedule import PIXEL_STD, grid_time_for_sigma, karras_times, nearest_grid_times, time_for_sigma
+from rrcm.sigma_set import SigmaSet
 from rrcm.train import loop
-from rrcm.train.distributed import DistEnv, run_in_process_group
+from rrcm.train.commands import DEFAULT_EPOCHS
+from rrcm.distributed import DistEnv
 from rrcm.train.losses import consistency_finetune_loss
 
 COPIES = 2
-NOISE, FLIP, EVAL = 1, 2, 3  # random streams
+NOISE, FLIP, EVAL, SIGMA = 1, 2, 3, 4  # random streams
+LAM_SMALL, LAM_LARGE, LAM_STEP = 10.0, 20.0, 0.25  # the paper's consistency weights and where they change
 
 
 def default_lam(sigma: float) -> float:
     """The paper's consistency weight: 10 at sigma = 0.25, 20 at larger noise."""
-    return 10.0 if sigma <= 0.25 else 20.0
+    return LAM_SMALL if sigma <= LAM_STEP else LAM_LARGE
+
+
+def trained_sigmas(args: argparse.Namespace) -> SigmaSet:
+    """The sigmas of --sigma, --sigmas or --sigma-range."""
+    return SigmaSet.parse(args.sigma, getattr(args, "sigmas", None), getattr(args, "sigma_range", None))
+
+
+class NoiseLevels:
+    """Each image's noise level for one step: model-space noise std t = 2 sigma, the grid time the network is
+    conditioned on, and the consistency weight lambda. Python floats for one sigma; for several, (B,) tensors
+    drawn on the device (uniform over a list, log-uniform over a range: the usual sigmas 0.12, 0.25, 0.5, 1
+    are log-spaced, and so, roughly, are the grid points between them)."""
+
+    def __init__(self, trained: SigmaSet, grid_points: int, lam: float | None, device: torch.device):
+        self.trained, self.lam = trained, lam
+        if trained.single is not None:
+            self.t_noise, self.t_cond = time_for_sigma(trained.single), grid_time_for_sigma(trained.single, grid_points)
+            return
+        self.grid = karras_times(grid_points).float().to(device)
+        if trained.bounds is None:
+            sigmas = torch.tensor(trained.values, dtype=torch.float32)
+            self.table = torch.stack([sigmas / PIXEL_STD,
+                                      torch.tensor([grid_time_for_sigma(s, grid_points) for s in trained.values]),
+                                      torch.tensor([default_lam(s) if lam is None else lam for s in trained.values])]).to(device)
+        else:
+            self.log_bounds = [math.log(b) for b in trained.bounds]
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[float | torch.Tensor, float | torch.Tensor, float | torch.Tensor]:
+        """(t_noise, t_cond, lam) for n images."""
+        if self.trained.single is not None:
+            return self.t_noise, self.t_cond, self.lam
+        device = self.grid.device
+        if self.trained.bounds is None:
+            return tuple(self.table[:, torch.randint(len(self.trained.values), (n,), generator=generator, device=device)])
+        lo, hi = self.log_bounds
+        sigma = torch.exp(lo + (hi - lo) * torch.rand(n, generator=generator, device=device))
+        lam = torch.where(sigma <= LAM_STEP, LAM_SMALL, LAM_LARGE) if self.lam is None else self.lam
+        t = sigma / PIXEL_STD
+        return t, nearest_grid_times(t, self.grid), lam
+
+
+def copy_times(t: float | torch.Tensor, copies: int, n: int, device: torch.device) -> torch.Tensor:
+    """The times of `copies` stacked copies of n images (copy-major), from one time or one per image (n,)."""
+    return t.repeat(copies) if isinstance(t, torch.Tensor) else loop.full_time(t, copies * n, device)
 
 
 def layer_decay_scale(cfg: ModelConfig, decay: float):
@@ -48,25 +100,27 @@ def layer_decay_scale(cfg: ModelConfig, decay: float):
     return scale
 
 
-def noisy_copies(x: torch.Tensor, copies: int, t: float, generator: torch.Generator) -> torch.Tensor:
-    """`copies` model-space noisy versions of pixel images x, stacked copy-major: (copies * B, C, H, W)."""
+def noisy_copies(x: torch.Tensor, copies: int, t: float | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`copies` model-space noisy versions of pixel images x, stacked copy-major: (copies * B, C, H, W), with noise
+    std t, one for all or one per image (B,)."""
     x = loop.model_space(x).repeat(copies, 1, 1, 1)
-    return x + t * torch.randn(x.shape, generator=generator, device=x.device)
+    std = t.repeat(copies).view(-1, 1, 1, 1) if isinstance(t, torch.Tensor) else t
+    return x + std * torch.randn(x.shape, generator=generator, device=x.device)
 
 
 @torch.no_grad()
 def noisy_accuracy(model: Classifier, data: ImageDataset, sigma: float, num_images: int, batch_size: int,
                    seed: int, env: DistEnv) -> tuple[int, int]:
     """(correct, total) of single noisy draws of the first `num_images` images, summed over processes."""
-    t_noise, t_cond = time_for_sigma(sigma), grid_time_for_sigma(sigma)
+    t_noise, t_cond = time_for_sigma(sigma), grid_time_for_sigma(sigma, model.cfg.grid_points)
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=env.device)
-    mine = torch.arange(min(num_images, len(data)))[env.rank::env.world_size]
+    mine = torch.arange(min(num_images, len(data)), device=data.device)[env.rank::env.world_size]
     gen = loop.make_generator(env.device, seed, 0, env.rank, EVAL)
     for chunk in mine.split(batch_size):
         images, labels = data.batch(chunk)
         x = noisy_copies(images.to(env.device), 1, t_noise, gen)
-        correct += (model(x, loop.full_time(t_cond, len(x), env.device)).argmax(1).cpu() == labels).sum().to(env.device)
+        correct += (model(x, loop.full_time(t_cond, len(x), env.device)).argmax(1) == labels.to(env.device)).sum()
     if env.distributed:
         torch.distributed.all_reduce(correct)
     model.train()
@@ -77,10 +131,10 @@ class Finetuner:
     """Model, optimizer and data of one fine-tuning run; `step_loss` is one step's loss."""
 
     def __init__(self, cfg: ModelConfig, init: Path | None, data: ImageDataset, args: argparse.Namespace, env: DistEnv,
-                 precision: str, steps: int, layer_decay: float):
-        self.cfg, self.data, self.env, self.precision, self.steps = cfg, data, env, precision, steps
-        self.seed, self.sigma, self.lam, self.eta = args.seed, args.sigma, args.lam, args.eta
-        self.t_noise, self.t_cond = time_for_sigma(args.sigma), grid_time_for_sigma(args.sigma)
+                 precision: str, layer_decay: float):
+        self.cfg, self.data, self.env, self.precision = cfg, data, env, precision
+        self.seed, self.eta = args.seed, args.eta
+        self.levels = NoiseLevels(trained_sigmas(args), cfg.grid_points, args.lam, env.device)
         torch.manual_seed(args.seed)
         model = Classifier(cfg)
         if init is not None:
@@ -89,9 +143,14 @@ class Finetuner:
         self.net = DistributedDataParallel(self.model, device_ids=[env.device] if env.device.type == "cuda" else None) \
             if env.distributed else self.model
         groups = loop.param_groups(self.model, args.weight_decay, layer_decay_scale(cfg, layer_decay))
-        self.optimizer = torch.optim.AdamW(groups, lr=args.lr)
+        self.optimizer = loop.adamw(groups, args.lr)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-        self.order = loop.BatchOrder(len(data), args.batch_size, args.seed)
+        self.order = loop.BatchOrder(len(data), args.batch_size, args.seed, data.device)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """What the gradient clipping would apply to."""
+        return self.model
 
     def parts(self) -> dict:
         """What a saved training state holds, by name."""
@@ -100,41 +159,20 @@ class Finetuner:
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         env, dev = self.env, self.env.device
         images, labels = self.data.batch(self.order.indices(step, env))
-        images = finetune_view(images.to(dev, non_blocking=True), loop.make_generator("cpu", self.seed, step, env.rank, FLIP))
+        # .to: a no-op for a dataset held on the device
+        images = finetune_view(images.to(dev, non_blocking=True), loop.make_generator(dev, self.seed, step, env.rank, FLIP))
         labels = labels.to(dev, non_blocking=True)
-        x = noisy_copies(images, COPIES, self.t_noise, loop.make_generator(dev, self.seed, step, env.rank, NOISE))
+        levels = loop.make_generator(dev, self.seed, step, env.rank, SIGMA) if self.levels.trained.single is None else None
+        t_noise, t_cond, lam = self.levels.draw(len(labels), levels)
+        x = noisy_copies(images, COPIES, t_noise, loop.make_generator(dev, self.seed, step, env.rank, NOISE))
         with loop.autocast(self.precision, dev):
-            logits = self.net(x, loop.full_time(self.t_cond, len(x), dev))
-        loss, parts = consistency_finetune_loss(list(logits.chunk(COPIES)), labels, self.lam, self.eta)
+            logits = self.net(x, copy_times(t_cond, COPIES, len(labels), dev))
+        loss, parts = consistency_finetune_loss(list(logits.chunk(COPIES)), labels, lam, self.eta)
         parts["accuracy"] = (logits.detach().argmax(1) == labels.repeat(COPIES)).float().mean()
         return loss, parts
 
-
-class _Finetune:
-    help = "fine-tune an encoder into a classifier for one noise level"
-
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        start = p.add_mutually_exclusive_group(required=True)
-        start.add_argument("--init", help="pre-trained encoder checkpoint folder (from rrcm pretrain); its projector is dropped")
-        start.add_argument("--from-scratch", action="store_true",
-                           help="random initialization: the Gaussian augmentation + consistency baseline")
-        p.add_argument("--sigma", type=float, required=True, help="pixel-space noise std to train for (> 0), e.g. 0.25, 0.5, 1.0")
-        p.add_argument("--lam", type=float, help="consistency weight lambda (default 10 for sigma <= 0.25, else 20)")
-        p.add_argument("--eta", type=float, default=0.5, help="entropy weight eta (default 0.5)")
-        p.add_argument("--layer-decay", type=float,
-                       help="layer-wise lr decay (default 0.65 with --init, 1.0 (none) with --from-scratch)")
-        length = p.add_mutually_exclusive_group()
-        length.add_argument("--epochs", type=float, help="passes over the training images (default 10)")
-        length.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
-        p.add_argument("--eval-images", type=int, default=1000,
-                       help="at the end, accuracy on one noisy draw of the first N test images, 0: skip (default 1000)")
-        loop.add_model_arguments(p, preset_default=None, preset_note=" (with --from-scratch; default fmnist-s)")
-        loop.add_training_arguments(p, lr=5e-4)
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        return run_in_process_group(finetune, args)
+    def after_step(self, step: int) -> dict:
+        return {}
 
 
 def encoder_config(init: str) -> ModelConfig:
@@ -145,12 +183,12 @@ def encoder_config(init: str) -> ModelConfig:
 
 
 def finetune(args: argparse.Namespace, env: DistEnv) -> int:
-    time_for_sigma(args.sigma)  # refuses sigma <= 0, NaN, inf
+    trained = trained_sigmas(args)  # refuses sigmas <= 0, NaN, inf, repeated ones and empty ranges
     loop.check_training_args(args, env)
-    loop.check_positive(steps=args.steps, epochs=args.epochs)
-    if args.lam is None:
-        args.lam = default_lam(args.sigma)
-    for name in ("lam", "eta"):
+    loop.check_positive(steps=args.steps, epochs=args.epochs, time_budget=args.time_budget)
+    if args.lam is None and trained.single is not None:
+        args.lam = default_lam(trained.single)
+    for name in ("lam", "eta") if args.lam is not None else ("eta",):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.eval_images < 0:
@@ -159,56 +197,64 @@ def finetune(args: argparse.Namespace, env: DistEnv) -> int:
     if init is None and args.preset is None:
         args.preset = "fmnist-s"
     cfg = loop.model_config(args, encoder_config(args.init) if init is not None else None)
+    loop.check_memory(cfg, args.batch_size, COPIES, env)
     layer_decay = args.layer_decay if args.layer_decay is not None else (1.0 if init is None else 0.65)
     if not 0 < layer_decay <= 1:
         raise UserError(f"--layer-decay must be in (0, 1], got {layer_decay}")
     precision = loop.resolve_precision(args.precision, env.device)
-    data = loop.load_train_data(args, cfg)
-    steps = args.steps or max(1, round((args.epochs or 10) * (len(data) // args.batch_size)))
-    warmup = steps // 10 if args.warmup is None else args.warmup
-    recipe = {"model": cfg.to_dict(), "init": str(init.resolve()) if init else "scratch", "sigma": args.sigma,
-              "lam": args.lam, "eta": args.eta, "layer_decay": layer_decay, "steps": steps, "batch_size": args.batch_size,
-              "lr": args.lr, "warmup": warmup, "weight_decay": args.weight_decay, "seed": args.seed,
+    data = loop.load_train_data(args, cfg, env.device)
+    epochs = args.epochs if args.epochs is not None or args.time_budget is not None else DEFAULT_EPOCHS
+    steps = args.steps or (max(1, round(epochs * (len(data) // args.batch_size))) if epochs else None)
+    recipe = {"model": cfg.to_dict(), "init": str(init.resolve()) if init else "scratch", **trained.to_config(),
+              "lam": args.lam, "eta": args.eta, "layer_decay": layer_decay, **loop.length_recipe(args, steps),
+              "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
               "max_train_images": args.max_train_images}
     folder = loop.RunFolder(args.out, "classifier", recipe, env)
-    trainer = Finetuner(cfg, init, data, args, env, precision, steps, layer_decay)
+    trainer = Finetuner(cfg, init, data, args, env, precision, layer_decay)
     state = folder.resume()
     start = loop.load_training_state(state, trainer.parts()) if state is not None else 0
-    meta = dict(kind="classifier", sigma=args.sigma, dataset=cfg.dataset, init=recipe["init"])
+    plan, spent = loop.plan_run(args, state, steps, lambda: loop.measure_step_seconds(trainer, args.lr, None, env))
+    meta = dict(kind="classifier", **trained.to_config(), dataset=cfg.dataset, init=recipe["init"])
     if env.is_main:
         what = f"resuming at step {start}" if start else "starting"
-        print(f"rrcm finetune: sigma {args.sigma:g} (t = {trainer.t_noise:g}, conditioned on {trainer.t_cond:.4f}), "
-              f"from {recipe['init']}; {cfg.dataset} ({len(data)} images), {steps} steps of {args.batch_size}, "
+        sized = f" (the {args.time_budget:g} s budget at {plan.seconds_per_step * 1e3:.1f} ms a step)" if plan.time_budget else ""
+        noise = (f"(t = {trainer.levels.t_noise:g}, conditioned on {trainer.levels.t_cond:.4f})" if trained.single is not None
+                 else "(one per image and step: uniform)" if trained.bounds is None else "(one per image and step: log-uniform)")
+        print(f"rrcm finetune: {trained.describe()} {noise}, from {recipe['init']}; {cfg.dataset} ({len(data)} images), {plan.steps} steps of {args.batch_size}{sized}, "
               f"{env.world_size} process(es) on {env.device}, {precision}; {what} in {args.out}", flush=True)
 
-    def save(step: int) -> None:
+    def save(step: int, seconds: float) -> None:
         if env.is_main:
-            save_checkpoint(args.out, trainer.model, cfg, step=step, **meta)
-        folder.save_state(loop.training_state(step, trainer.parts()))
+            save_checkpoint(args.out, trainer.model, cfg, **meta, **loop.progress(plan, step, seconds, args.batch_size, len(data)))
+        folder.save_state(loop.training_state(step, trainer.parts(), plan=asdict(plan), train_seconds=seconds))
 
-    settings = loop.LoopSettings(steps, warmup, args.lr, args.batch_size, args.log_every, args.save_every)
-    t0 = time.perf_counter()
-    loop.run_loop(settings, trainer.model, trainer.optimizer, trainer.scaler, start, trainer.step_loss,
-                  lambda step: {}, save, folder.log, env, desc=f"finetune sigma={args.sigma:g}")
-    elapsed = time.perf_counter() - t0
+    settings = loop.LoopSettings(plan.steps, plan.warmup, args.lr, args.batch_size, args.log_every, args.save_every,
+                                 len(data), time_budget=plan.time_budget)
+    result = loop.run_loop(settings, trainer, start, save, folder.log, env, f"finetune {trained.describe()}", spent)
     if args.eval_images:
-        done = read_config(args.out) if start == steps else {}
+        done = read_config(args.out) if result.end == result.start else {}
         if done.get("eval_images") == args.eval_images:  # a finished run, evaluated already
             accuracy, total = done["test_accuracy"], done["test_images"]
         else:
             test = load_dataset(cfg.dataset, "test", args.data_dir, cfg.image_size if cfg.dataset == "imagenet" else None)
-            correct, total = noisy_accuracy(trainer.model, test, args.sigma, args.eval_images, args.batch_size, args.seed, env)
-            accuracy = correct / total
+            if isinstance(test, TensorImageDataset):
+                test = test.to(env.device)
+            by_sigma = {f"{s:g}": noisy_accuracy(trainer.model, test, s, args.eval_images, args.batch_size, args.seed, env)
+                        for s in trained.representatives()}
+            total = min(num for _, num in by_sigma.values())
+            accuracy = {s: correct / num for s, (correct, num) in by_sigma.items()}
+            if trained.single is not None:  # a number, as before classifiers of several sigmas
+                (accuracy,) = accuracy.values()
             if env.is_main:
-                save_checkpoint(args.out, trainer.model, cfg, step=steps, test_accuracy=accuracy, test_images=total,
-                                eval_images=args.eval_images, **meta)
-                folder.log({"step": steps, "test_accuracy": accuracy, "test_images": total})
+                length = loop.progress(plan, result.end, result.total_seconds, args.batch_size, len(data))
+                save_checkpoint(args.out, trainer.model, cfg, test_accuracy=accuracy, test_images=total,
+                                eval_images=args.eval_images, **meta, **length)
+                folder.log({"step": result.end, "test_accuracy": accuracy, "test_images": total})
         if env.is_main:
-            print(f"rrcm finetune: accuracy at sigma {args.sigma:g} (one noisy draw per image) on the first {total} "
-                  f"test images: {100 * accuracy:.2f}%", flush=True)
+            for s, value in (accuracy.items() if isinstance(accuracy, dict) else [(f"{trained.single:g}", accuracy)]):
+                print(f"rrcm finetune: accuracy at sigma {s} (one noisy draw per image) on the first {total} "
+                      f"test images: {100 * value:.2f}%", flush=True)
     if env.is_main:
-        print(f"rrcm finetune: {elapsed:.0f} s of training; classifier checkpoint in {args.out}", flush=True)
+        print(f"rrcm finetune: {result.summary(settings)}; classifier checkpoint in {args.out}", flush=True)
     return 0
 
-
-COMMAND = _Finetune()

@@ -219,7 +219,7 @@ def build_certifiers(args: argparse.Namespace, pairs: list[tuple[str, float | No
     options = {"compile": args.compile, "dtype": backends.PRECISIONS[precision]} \
         if args.compile or precision != "fp32" else {}
     batch = args.batch if args.batch is not None else (1000 if device.type == "cuda" else 128)
-    certifiers, fingerprints, agreements, choice, dataset = [], [], [], None, None
+    certifiers, fingerprints, agreements, choice, dataset, train = [], [], [], None, None, None
     for spec, sigma in pairs:
         model, fingerprint = load_model(spec, sigma, device, args.backend)
         runner.check_batch(batch, getattr(model, "input_shape", None), device)  # before any batch is run
@@ -227,7 +227,8 @@ def build_certifiers(args: argparse.Namespace, pairs: list[tuple[str, float | No
         if precision != "fp32":  # another classifier than the float32 one: calibrated and checked on noisy training images
             from rrcm.engine.quantize import dataset_calibration
 
-            train = load_dataset(args.dataset or model.cfg.dataset, "train", args.data_dir)
+            if train is None:
+                train = load_dataset(args.dataset or model.cfg.dataset, "train", args.data_dir)
             check_inputs = dataset_calibration(train, model.sigma, seed=1)
             if precision == "int8":
                 options.update(calibration=dataset_calibration(train, model.sigma), static_batch=batch)

@@ -4,7 +4,8 @@ A file's kind is read from its header; columns are found by name and extra ones 
 - certificates, `idx ... radius correct [samples] time` (certify, certify --adaptive, certify.py). Certified
   accuracy at r = fraction of the images whose prediction is correct with radius >= r; ACR = mean over images
   of (radius if correct else 0). With files for several sigmas on the same images, "best" takes the maximum
-  over files at each radius, as the papers' tables do.
+  over files at each radius, as the papers' tables do: an envelope chosen after the fact, not a certificate of
+  one rule (a cascade over the sigmas is one: its rows carry samples and the answering stage's sigma, - for none).
 - decisions, `idx label predict certified samples time` (certify --radius r, with r in the sidecar): certified
   accuracy at r = fraction of the images certified at r whose prediction is the label.
 - predictions, `idx label predict correct time` (predict): accuracy and abstention rate.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rrcm.engine.tsv import TIME
 from rrcm.errors import UserError
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -51,8 +53,6 @@ class _Rows:
         if not isinstance(n, int) or self.sidecar.get("adaptive") or "radius" in self.sidecar:
             return None
         per_image = n + (n0 if isinstance(n0, int) and self.sidecar.get("command") == "certify" else 0)
-        sigmas = self.sidecar.get("sigma")
-        per_image *= len(sigmas) if isinstance(sigmas, list) else 1  # certified at each of several sigmas
         return np.full(len(self.idx), per_image, dtype=np.int64)
 
     def samples_per_second(self) -> float | None:
@@ -108,7 +108,7 @@ class Predictions(_Rows):
 
 Results = Certificates | Decisions | Predictions
 
-_TIMEDELTA = re.compile(r"(?:(\d+) days?, )?(\d+):(\d\d):(\d\d(?:\.\d+)?)")
+_TIMEDELTA = re.compile(TIME)
 
 
 def _seconds(text: str) -> float:
@@ -124,6 +124,11 @@ def _is_flag(v: float) -> bool:
     return v in (0, 1)
 
 
+def _sigma(text: str) -> float:
+    """A sigma column's value: the stage that answered, NaN for "-" (none did: an abstention)."""
+    return math.nan if text == "-" else float(text)
+
+
 # column: (parse, check, what the check asks)
 _COLUMNS = {
     "idx": (int, lambda v: v >= 0, ">= 0"),
@@ -133,14 +138,14 @@ _COLUMNS = {
     "certified": (int, _is_flag, "0 or 1"),
     "samples": (int, lambda v: v >= 1, ">= 1"),
     "radius": (float, lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
-    "sigma": (float, lambda v: math.isfinite(v) and v > 0, "finite and > 0"),
+    "sigma": (_sigma, lambda v: math.isnan(v) or (math.isfinite(v) and v > 0), "finite and > 0, or - (none)"),
     "time": (_seconds, lambda v: math.isfinite(v) and v >= 0, "a duration"),
 }
 # kind: (columns it needs, columns it also reads when present)
 _KINDS = {
     Certificates: (("idx", "radius", "correct"), ("samples", "sigma", "time")),
     Decisions: (("idx", "label", "predict", "certified"), ("samples", "time")),
-    Predictions: (("idx", "predict", "correct"), ("time",)),
+    Predictions: (("idx", "predict", "correct"), ("samples", "time")),
 }
 
 
@@ -174,7 +179,7 @@ def _parse_row(path: Path, number: int, fields: list[str], where: dict[str, int]
         try:
             row[c] = parse(fields[j])
         except ValueError:
-            what = {int: "an integer", float: "a number"}.get(parse, "a duration")
+            what = {int: "an integer", float: "a number", _sigma: "a number or -"}.get(parse, "a duration")
             raise UserError(f"{path}: line {number}: malformed row ({c} {fields[j]!r} is not {what})") from None
         if not check(row[c]):
             raise UserError(f"{path}: line {number}: {c} must be {rule}, got {fields[j]!r}")
@@ -328,16 +333,16 @@ def _number(value) -> str:
 
 
 def _sigma_text(result: Certificates | Decisions) -> str | None:
-    """'σ = 0.25', or the sigmas of a sigma column; None when unknown."""
-    sigma = getattr(result, "sigma", None)
-    if sigma is not None:
-        values = np.unique(sigma)
-        return f"σ = {values[0]:g}" if len(values) == 1 else "σ per image: " + "/".join(f"{v:g}" for v in values)
+    """'σ = 0.25', 'cascade σ = 1/0.5/0.25', or the sigmas of a sigma column; None when unknown."""
     recorded = result.sidecar.get("sigma")
     if isinstance(recorded, (int, float)):
         return f"σ = {recorded:g}"
     if isinstance(recorded, list) and recorded and all(isinstance(v, (int, float)) for v in recorded):
-        return "σ = " + "/".join(f"{v:g}" for v in recorded)
+        return "cascade σ = " + "/".join(f"{v:g}" for v in sorted(recorded, reverse=True))
+    sigma = getattr(result, "sigma", None)
+    if sigma is not None and not np.isnan(sigma).all():
+        values = np.unique(sigma[~np.isnan(sigma)])
+        return f"σ = {values[0]:g}" if len(values) == 1 else "σ per image: " + "/".join(f"{v:g}" for v in values)
     return None
 
 

@@ -3,12 +3,18 @@
 Every candidate runs the same fp32 classifier, so the choice changes the speed, not the certificate; lower
 precisions certify another classifier and stay an explicit choice. Candidates (RUNTIMES): eager torch,
 torch.compile with frozen weights, ONNX Runtime on the model exported on the fly. Each runs the real model at
-the real batch size for about a second, interleaved with the others; compilation happens before the timing
-and the winner's compiled graph is the one the run uses. The choice is cached in
-$XDG_CACHE_HOME/rrcm/runtimes.json (default ~/.cache/rrcm), keyed by the model's sha256, the CPU
-(`rrcm.cpu`), the torch and onnxruntime versions, the thread count, the batch and the candidates, so a
-machine probes each model once; a corrupt cache is ignored and rewritten. RRCM_AUTO_RUNTIMES (e.g.
-"eager,onnxruntime") limits the candidates; a single one is used without a probe.
+the real batch size; compilation happens before the timing and the winner's compiled graph is the one the run
+uses. The timing is made to survive a busy machine: PROBE_ROUNDS interleaved rounds, and a runtime takes the
+choice from those before it in RUNTIMES' order (eager torch first, the default) only when it leads each of them
+clearly: faster in every round, by CLEAR_LEAD in the median of the rounds' paired ratios (`decide`). Load that
+comes and goes slows turns, not a runtime; load that slows one kind of runtime throughout misleads the choice
+only where it skews their ratio by more than CLEAR_LEAD (20%).
+
+The choice is cached in $XDG_CACHE_HOME/rrcm/runtimes.json (default ~/.cache/rrcm), keyed by the model's
+sha256, the CPU (`rrcm.cpu`), the torch and onnxruntime versions, the thread count, the batch and the
+candidates, so a machine probes each model once; a corrupt cache is ignored and rewritten. A run that
+measures far below the rate its choice was made on (`recheck`) drops the entry, so the next run times again.
+RRCM_AUTO_RUNTIMES (e.g. "eager,onnxruntime") limits the candidates; a single one is used without a probe.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ import hashlib
 import importlib.metadata
 import json
 import os
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +34,7 @@ from torch import nn
 from rrcm.cpu import cpu_info
 from rrcm.distributed import on_rank_zero
 from rrcm.engine.backends import make_backend
-from rrcm.engine.timing import best_rates
+from rrcm.engine.timing import timed_rounds
 from rrcm.errors import UserError, first_line
 from rrcm.outputs import atomic_write
 
@@ -37,7 +44,12 @@ RUNTIMES: dict[str, tuple[str, dict[str, Any], str]] = {
     "compiled": ("torch", {"compile": True}, "torch.compile"),
     "onnxruntime": ("onnxruntime", {}, "ONNX Runtime"),
 }
-PROBE_SECONDS = 1.0  # of timing per candidate, after its compilation
+DEFAULT = "eager"  # what runs when no other runtime leads clearly: what --precision fp32 runs
+PROBE_SECONDS = 1.0  # of timing per candidate, after its compilation, over all rounds
+PROBE_ROUNDS = 5
+CLEAR_LEAD = 1.2  # the median paired ratio a runtime needs over the one it replaces
+RECHECK = 0.5  # a run below this share of its runtime's cached rate has the choice timed again
+RECHECK_SECONDS = 10.0  # of a run's sampling, at least, to judge its rate by
 CACHE_VERSION = 1
 
 
@@ -49,6 +61,7 @@ class Choice:
     rates: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it could not run
     source: str = "probe"  # "probe", "cache", "only" (one candidate: no probe) or "cuda" (no probe: fp32 torch)
+    digest: str | None = None  # its cache entry's key
 
     @property
     def backend(self) -> str:
@@ -67,7 +80,7 @@ class Choice:
             return f"runtime: {label}, fp32 (the one runtime RRCM_AUTO_RUNTIMES allows: not timed)"
         others = [f"{RUNTIMES[n][2]} {r:,.0f}" for n, r in self.rates.items() if n != self.runtime]
         others += [f"{RUNTIMES[n][2]} skipped: {why}" for n, why in self.skipped.items()]
-        how = "cached choice" if self.source == "cache" else "probed"
+        how = "cached choice" if self.source == "cache" else f"probed, {PROBE_ROUNDS} rounds"
         return (f"runtime: {label}, {self.rates[self.runtime]:,.0f} samples/s (fp32, batch {batch}, "
                 f"{torch.get_num_threads()} threads; {how}; {', '.join(others) or 'no other candidate ran'})")
 
@@ -122,7 +135,7 @@ def _cached_choice(path: Path, digest: str) -> Choice | None:
         return None
     if not isinstance(rates.get(entry["runtime"]), (int, float)):
         return None
-    return Choice(entry["runtime"], {n: float(r) for n, r in rates.items()}, source="cache")
+    return Choice(entry["runtime"], {n: float(r) for n, r in rates.items()}, source="cache", digest=digest)
 
 
 def _store(path: Path, digest: str, key: dict[str, Any], choice: Choice) -> None:
@@ -167,9 +180,29 @@ def probe(model: nn.Module, batch: int, device: torch.device, runtimes: list[str
     if not timed:
         reasons = "; ".join(f"{RUNTIMES[name][2]}: {why}" for name, why in skipped.items())
         raise UserError(f"no runtime could run this model: {reasons}")
-    rates = best_rates(timed, seconds)
-    fastest = max(rates, key=rates.get)
-    return Choice(fastest, rates, skipped), backends
+    runtime, rates = decide(timed_rounds(timed, seconds, PROBE_ROUNDS))
+    return Choice(runtime, rates, skipped), backends
+
+
+def decide(rounds: list[dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """(runtime, median samples/s of each) from the rounds of a probe (samples/s by runtime in each round).
+
+    The runtimes are taken in RUNTIMES' order: the first timed one (DEFAULT where it ran) holds the lead, and a
+    later one takes it only by leading clearly over every runtime before it: faster in every round, and by
+    CLEAR_LEAD in the median of the per-round ratios. A lead that is unclear (close, or seen only in some rounds:
+    load on the machine) leaves the choice where it was."""
+    names = [name for name in RUNTIMES if name in rounds[0]]
+    rates = {name: statistics.median(r[name] for r in rounds) for name in names}
+
+    def leads(name: str, other: str) -> bool:
+        ratios = [r[name] / r[other] for r in rounds]
+        return min(ratios) > 1.0 and statistics.median(ratios) >= CLEAR_LEAD
+
+    chosen = names[0]
+    for i, name in enumerate(names[1:], start=1):
+        if all(leads(name, other) for other in names[:i]):
+            chosen = name
+    return chosen, rates
 
 
 def select_runtime(model: nn.Module, fingerprint: str, batch: int, device: torch.device, *, rank: int = 0,
@@ -193,6 +226,7 @@ def select_runtime(model: nn.Module, fingerprint: str, batch: int, device: torch
             print(f"rrcm: timing {', '.join(RUNTIMES[r][2] for r in runtimes)} for this model on this CPU, "
                   f"once (the choice is cached in {cache})", flush=True)
             choice, backends = probe(model, batch, device, runtimes, PROBE_SECONDS)
+            choice = replace(choice, digest=digest)
             built.update(backends)
             _store(cache, digest, key, choice)
         return choice
@@ -200,3 +234,23 @@ def select_runtime(model: nn.Module, fingerprint: str, batch: int, device: torch
     choice = on_rank_zero(rank, world, choose)
     backend = built.get(choice.runtime) or build_runtime(model, choice.runtime, device)
     return backend, choice
+
+
+def recheck(choice: Choice, measured: float | None, seconds: float, cache: Path | None = None) -> str | None:
+    """After a run on `choice` that measured `measured` samples/s over `seconds` (at least RECHECK_SECONDS):
+    when that is below RECHECK of the rate the choice was made on (the probe ran on a quieter machine, or this
+    one changed), its cache entry is dropped so that the next run times the runtimes again; returns the line
+    that says so, else None. A run's rate counts noise and counting besides the model, hence the generous RECHECK."""
+    cached = choice.rates.get(choice.runtime)
+    if choice.digest is None or cached is None or measured is None or seconds < RECHECK_SECONDS \
+            or measured >= RECHECK * cached:
+        return None
+    cache = cache or cache_path()
+    entries = _read_entries(cache)
+    if entries.pop(choice.digest, None) is not None:
+        try:
+            atomic_write(cache, json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1) + "\n")
+        except UserError:
+            return None
+    return (f"rrcm: this run measured {measured:,.0f} samples/s, far below the {cached:,.0f} that "
+            f"{RUNTIMES[choice.runtime][2]} was chosen on: the runtimes are timed again at the next run")

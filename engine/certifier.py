@@ -9,9 +9,10 @@ Seeds: image seed s gives the selection stream (s, 0) and the estimation stream 
 noise streams (torch.Generators, or Philox keys for the Triton sampler); without a seed each stream is
 seeded afresh from the OS.
 
-Sound mode (`sound=True`) draws grid-rounded noise through `rrcm.kernels.sound` for images on the 1/255 grid;
-its sampled law is within TV_PER_PIXEL * num_pixels of exact Gaussian smoothing of the quantized classifier,
-so every lower bound on a class probability is lowered by that much.
+Sound mode (`sound=True`) draws grid-rounded noise through `rrcm.kernels.sound` for images on the 1/255 grid,
+unclipped, as the classifier saw noise in training; its sampled law is within tv_per_pixel(sigma) * num_pixels
+(`slack()`) of exact Gaussian smoothing of the quantized classifier x' -> f(round(255 x') / 255), so every
+lower bound on a class probability is lowered by that much (and an upper bound raised).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from rrcm.engine.sampler import make_sampler
 from rrcm.engine.sequential import RadiusDecision
 from rrcm.device import upload
 from rrcm.errors import UserError, first_line
-from rrcm.kernels.sound import TV_PER_PIXEL, to_grid
+from rrcm.kernels.sound import to_grid, tv_per_pixel
 
 SELECTION, ESTIMATION = 0, 1
 
@@ -191,12 +192,13 @@ class Certifier:
             raise UserError(f"{self.source}: the model gave NaN or Inf logits on noisy inputs; it cannot be certified")
         return host[:-1].view(counts.shape)
 
-    def _slack(self) -> float:
-        """How far below the sampled class probability the smoothed one may lie: TV distance of sound noise."""
-        return TV_PER_PIXEL * math.prod(self.input_shape) if self.sound else 0.0
+    def slack(self) -> float:
+        """How far the smoothed class probabilities may lie from the sampled ones, either way: the total variation
+        distance of sound noise from exact Gaussian noise (0 for ordinary sampling)."""
+        return tv_per_pixel(self.sigma) * math.prod(self.input_shape) if self.sound else 0.0
 
     def _certificate(self, prediction: int, p_lower: float, counts: np.ndarray, samples: int) -> CertifyResult:
-        p_lower -= self._slack()
+        p_lower -= self.slack()
         if prediction == self.ABSTAIN or p_lower < 0.5:
             return CertifyResult(self.ABSTAIN, 0.0, p_lower, counts, samples)
         return CertifyResult(prediction, float(stats.certified_radius(p_lower, self.sigma)), p_lower, counts, samples)
@@ -228,8 +230,9 @@ class Certifier:
         counts = self._read(self.sample_counts(images, [n] * len(images), self._streams(seeds, ESTIMATION))).numpy()
         return [stats.predict_from_counts(c, alpha) for c in counts]
 
-    def _samplers(self, x, seed: int | None):
-        """(select, estimate) draw(m) -> (num_classes,) counts for image x from the two streams of `seed`."""
+    def draws(self, x, seed: int | None):
+        """(select, estimate): draw(m) -> (num_classes,) counts of m fresh noisy copies of image x, from the
+        selection and estimation streams of `seed`; each call continues its stream."""
         image = self._images([x])
         streams = self._streams([seed], SELECTION) + self._streams([seed], ESTIMATION)
         return [lambda m, s=s: self._read(self.sample_counts(image, [m], [s]))[0] for s in streams]
@@ -249,7 +252,7 @@ class Certifier:
         tolerance = _as_float("tolerance", tolerance)
         if not (math.isfinite(tolerance) and tolerance > 0):
             raise UserError(f"tolerance must be a positive number, got {tolerance!r}")
-        select, estimate = self._samplers(x, seed)
+        select, estimate = self.draws(x, seed)
         counts = np.zeros(self.num_classes, dtype=np.int64)
 
         def counted(m: int) -> torch.Tensor:
@@ -269,9 +272,9 @@ class Certifier:
         n0, max_samples = _check_count("n0", n0), _check_count("max_samples", max_samples)
         if not (math.isfinite(r) and r >= 0):
             raise UserError(f"radius must be a number >= 0, got {r!r}")
-        select, estimate = self._samplers(x, seed)
+        select, estimate = self.draws(x, seed)
         if self.sound:  # test the sampled probability against p0 + slack, so the exact one exceeds p0
-            p0 = min(float(ndtr(r / self.sigma)) + self._slack(), float(np.nextafter(1.0, 0.0)))
+            p0 = min(float(ndtr(r / self.sigma)) + self.slack(), float(np.nextafter(1.0, 0.0)))
             r = float(self.sigma * ndtri(p0))
         return sequential.certify_radius(select, estimate, self.num_classes, self.sigma, r, alpha, beta=beta, n0=n0,
                                          max_samples=max_samples, batch_size=self.batch_size)

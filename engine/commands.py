@@ -13,6 +13,8 @@ from rrcm.errors import UserError
 if TYPE_CHECKING:  # torch is imported when a command runs, not for --help
     import torch
 
+    from rrcm.engine.autoselect import Choice
+
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8")  # their dtypes: rrcm.engine.backends.PRECISIONS
 
 
@@ -74,11 +76,15 @@ class _Command:
                        help="fine-tuned checkpoint folder, bundled model name (fashion-mnist), or an exported file: "
                             ".onnx, .pt2 (AOTInductor) or .plan (TensorRT) from 'rrcm export'; several, comma-separated, "
                             "one per --sigma")
-        sigma_help = "noise std in pixel space (images in [0, 1]); default: the one the model records"
-        if self.mode == "certify":
-            sigma_help += ("; several, comma-separated (e.g. 0.25,0.5,1.0): each image certified at every sigma at level "
-                           "alpha / K with noise of its own, the largest radius kept with its sigma (a sigma column)")
-        p.add_argument("--sigma", default=None, help=sigma_help)
+        p.add_argument("--sigma", default=None,
+                       help="noise std in pixel space (images in [0, 1]); default: the one the model records. Several, "
+                            "comma-separated (e.g. 0.25,0.5,1.0): cascaded smoothing, from the largest sigma down, each "
+                            "stage answering where one class has probability above --p0 and otherwise passing the image on; "
+                            f"{'certified as that rule, ' if self.mode == 'certify' else ''}n0 and n per stage, alpha / K "
+                            "each; TSV gets samples and sigma (the stage that answered) columns")
+        p.add_argument("--p0", type=float, default=None,
+                       help="several sigmas: a stage answers when its top class has smoothed probability above this "
+                            "(in [0.5, 1); default 0.5)")
         p.add_argument("--dataset", default=None,
                        help="test set: fashion-mnist, cifar10 or imagenet (default: the one the model was trained on)")
         p.add_argument("--data-dir", default=None, help="folder of the dataset (default: its standard location)")
@@ -87,9 +93,6 @@ class _Command:
             p.add_argument("--radius", type=float, default=None,
                            help="decide robustness at this L2 radius r with as few samples as possible (anytime-valid "
                                 "sequential test, --n the budget); TSV: idx label predict certified samples time")
-            p.add_argument("--beta", type=float, default=None,
-                           help="--radius: chance of giving up early on an image that is robust at r (default 0.001; "
-                                "0: never give up before the budget)")
             p.add_argument("--adaptive", action="store_true",
                            help="the largest radius within a budget of --n samples, stopping early at doubling "
                                 "checkpoints; TSV gets a samples column after correct")
@@ -98,6 +101,10 @@ class _Command:
         p.add_argument("--n", type=int, default=100_000,
                        help="estimation samples per image (default 100000; the budget with --radius or --adaptive)")
         p.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate (default 0.001)")
+        p.add_argument("--beta", type=float, default=None,
+                       help="chance of giving up early (abstaining, never a wrong certificate) on an image that "
+                            f"{'is robust at --radius r, or ' if self.mode == 'certify' else ''}a stage of several sigmas "
+                            "would answer (default 0.001; 0: never before the budget)")
         p.add_argument("--batch", type=int, default=None,
                        help="noisy samples per forward pass (default: 1000 on GPU, 128 on CPU, where a smaller batch's "
                             "activations stay in cache); images share a batch when n is smaller")
@@ -105,6 +112,9 @@ class _Command:
         p.add_argument("--max", type=int, default=None, help="stop after M images (a count, not an index; default all)")
         p.add_argument("--seed", type=int, default=0,
                        help="noise seed; image idx draws from seed (seed, idx), so reruns and shards agree (default 0)")
+        p.add_argument("--force", action="store_true",
+                       help="run even when the estimate (images x samples per image at the rate measured here, printed "
+                            "before the first image) exceeds 100 days; without it such a run is refused")
         p.add_argument("--backend", default=None,
                        help="torch, onnxruntime, aoti or tensorrt (default: by the file's suffix; for a checkpoint the one "
                             "--precision auto picks, else torch; onnxruntime exports a checkpoint on the fly)")
@@ -134,19 +144,25 @@ class _Command:
         from rrcm.data import load_dataset
         from rrcm.distributed import setup, teardown
         from rrcm.engine import runner
+        from rrcm.engine.timing import Meter
         from rrcm.outputs import check_writable
 
         certify = self.mode == "certify"
         if certify and args.tolerance is not None and not args.adaptive:
             raise UserError("--tolerance applies to --adaptive only")
-        if certify and args.beta is not None and args.radius is None:
-            raise UserError("--beta applies to --radius only")
+        several = args.sigma is not None and "," in args.sigma
+        if args.beta is not None and not several and (not certify or args.radius is None):
+            raise UserError("--beta applies to --radius and to several sigmas only")
         pairs = model_sigma_pairs(args.model, args.sigma)
         variants = {"radius": args.radius, "adaptive": args.adaptive} if certify else {}
         if certify and args.tolerance is not None:
             variants["tolerance"] = args.tolerance
-        if certify and args.beta is not None:
+        if args.beta is not None:
             variants["beta"] = args.beta
+        if args.p0 is not None:
+            if len(pairs) < 2:
+                raise UserError("--p0 applies to several sigmas (a cascade) only")
+            variants["p0"] = args.p0
         job = runner.Job(self.mode, args.n, args.alpha, args.n0 if certify else 100,
                          args.skip, args.max, args.seed, sigmas=len(pairs), **variants).check()
         if args.precision not in PRECISIONS and args.precision != "auto":
@@ -159,7 +175,7 @@ class _Command:
         env = setup(args.device, timeout=datetime.timedelta(days=7))
         rank, finished = env.rank, False
         try:
-            certifiers, params = build_certifiers(args, pairs, env)
+            certifiers, params, choice = build_certifiers(args, pairs, env)
             dataset = load_dataset(params["dataset"], "test", args.data_dir)
             for certifier in certifiers:
                 if certifier.input_shape is None:
@@ -167,10 +183,16 @@ class _Command:
                 if certifier.input_shape != tuple(dataset.input_shape):
                     raise UserError(f"{args.model} takes inputs of shape {certifier.input_shape}, "
                                     f"{params['dataset']} images are {tuple(dataset.input_shape)}")
+            rate = choice.rates.get(choice.runtime) if choice is not None else None
+            meter = Meter(rate, "the model's rate that --precision auto timed", force=args.force)
             out = runner.run(certifiers[0] if len(certifiers) == 1 else certifiers, dataset, args.out, job, params,
-                             rank=rank, world=env.world_size)
+                             rank=rank, world=env.world_size, meter=meter)
             if rank == 0:
                 from rrcm.engine.analyze import summary_line
+                from rrcm.engine.autoselect import recheck
+
+                if choice is not None and (note := recheck(choice, meter.average, meter.span)):
+                    print(note)
 
                 sigmas = ", ".join(f"{c.sigma:g}" for c in certifiers)
                 print(f"{out}: {job.mode} of {len(job.indices(len(dataset)))} {params['dataset']} test images at sigma "
@@ -206,9 +228,11 @@ def model_sigma_pairs(models: str, sigmas: str | None) -> list[tuple[str, float 
     return list(zip(names, values))
 
 
-def build_certifiers(args: argparse.Namespace, pairs: list[tuple[str, float | None]], env) -> tuple[list, dict]:
+def build_certifiers(args: argparse.Namespace, pairs: list[tuple[str, float | None]],
+                     env) -> tuple[list, dict, Choice | None]:
     """A Certifier per (model, sigma) on this process's device, with the backend, precision and sampler asked for
-    (`--precision auto` probes the runtime once, for the first), and the sidecar's parameters of the run."""
+    (`--precision auto` probes the runtime once, for the first), the sidecar's parameters of the run, and
+    `--precision auto`'s runtime Choice (None without it)."""
     from rrcm.data import load_dataset
     from rrcm.datasets import DATASETS
     from rrcm.engine import backends, runner
@@ -273,7 +297,7 @@ def build_certifiers(args: argparse.Namespace, pairs: list[tuple[str, float | No
         params["int8_activation_bits"] = 7
     if args.sound:  # recorded only when set, so that older sidecars still resume
         params["sound"] = True
-    return certifiers, params
+    return certifiers, params, choice
 
 
 CERTIFY = _Command("certify", "certify test images (Cohen et al.'s CERTIFY), one TSV row each")

@@ -40,8 +40,14 @@ class _Demo:
         from rrcm.engine.certifier import Certifier, derive_seed
         from rrcm.engine.runner import round_down
 
-        if args.images < 1 or args.skip < 1:
-            raise UserError("--images and --skip must be >= 1")
+        from rrcm.checks import MAX_SEED, check_int, check_number
+
+        check_int("--images", args.images, 1)
+        check_int("--skip", args.skip, 1)
+        check_int("--n", args.n, 1, 10**9)
+        check_int("--n0", args.n0, 1, 10**9)
+        check_int("--seed", args.seed, 0, MAX_SEED)
+        check_number("--alpha", args.alpha, 0.0, 1.0, low_open=True, high_open=True)
         model = load_classifier("fashion-mnist", args.sigma)
         dataset = load_dataset("fashion-mnist", "test", args.data_dir)
         names = DATASETS["fashion-mnist"].class_names

@@ -9,6 +9,7 @@ Radii are written rounded down to 4 decimals: the file never claims more than wa
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -25,26 +26,15 @@ from tqdm import tqdm
 from rrcm.checks import MAX_SEED, check_int, check_number
 from rrcm.distributed import on_rank_zero
 from rrcm.engine.certifier import Certifier, derive_seed
-from rrcm.engine.sigmas import certify_best, certify_radius_best
+from rrcm.engine.cascade import Cascade
+from rrcm.engine.timing import Meter, TooLong, Workload
+from rrcm.engine.tsv import FIELDS, HEADERS
 from rrcm.errors import UserError
 from rrcm.outputs import OutputLock, atomic_write, check_writable, make_folder, write_error
 from rrcm.resources import check_fits
 
-HEADERS = {
-    "certify": "idx\tlabel\tpredict\tradius\tcorrect\ttime",
-    "predict": "idx\tlabel\tpredict\tcorrect\ttime",
-    "adaptive": "idx\tlabel\tpredict\tradius\tcorrect\tsamples\ttime",  # certify --adaptive
-    "radius": "idx\tlabel\tpredict\tcertified\tsamples\ttime",  # certify --radius
-    # certify at several sigmas: the best certificate and its sigma ("-" where every sigma abstains)
-    "sigmas": "idx\tlabel\tpredict\tradius\tcorrect\tsigma\ttime",
-    "radius-sigmas": "idx\tlabel\tpredict\tcertified\tsamples\tsigma\ttime",  # certify --radius at several sigmas
-}
 MODES = ("certify", "predict")
 MAX_SAMPLES = 10**15  # per image: far beyond any run, and counts stay exact in float64 statistics
-# What each TSV column may hold; a resumed file with anything else is refused.
-FIELDS = {"idx": "[0-9]+", "label": "[0-9]+", "predict": "-1|[0-9]+", "radius": r"[0-9]+(\.[0-9]+)?",
-          "correct": "[01]", "certified": "[01]", "samples": "[0-9]+", "sigma": r"-|[0-9.]+(e[-+][0-9]+)?",
-          "time": r"([0-9]+ days?, )?[0-9]+:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"}
 # Sidecar keys that may change between a run and its resumption: they do not change what a row means
 # (precision does: its rows certify another classifier).
 RESUMABLE_CHANGES = ("model", "max", "batch", "backend", "device", "data_dir", "compile", "sampler", "cuda_graphs",
@@ -59,7 +49,8 @@ class Job:
     certify variants, with n the estimation budget: `radius` r (a decision at r, `Certifier.certify_radius`),
     or `adaptive` (the largest radius, stopping within `tolerance` of it). `beta` bounds the chance that a
     decision at r gives up early on an image robust at r (0: never gives up before the budget).
-    `sigmas` > 1: certify (or decide at r) at that many sigmas at once (`rrcm.engine.sigmas`).
+    `sigmas` > 1: the cascade over that many sigmas at threshold `p0` (`rrcm.engine.cascade`): certify, decide
+    at r, or predict with it; n0 and n per stage.
     """
 
     mode: str
@@ -74,21 +65,22 @@ class Job:
     tolerance: float = 0.01
     beta: float = 1e-3
     sigmas: int = 1
+    p0: float = 0.5
 
     @property
     def layout(self) -> str:
         """The key of the TSV's columns in HEADERS."""
-        several = "-sigmas" if self.sigmas > 1 else ""
-        if self.mode == "certify" and self.radius is not None:
-            return "radius" + several
         if self.sigmas > 1:
-            return "sigmas"
+            return {"certify": "radius-cascade" if self.radius is not None else "cascade", "predict": "predict-cascade"}[self.mode]
+        if self.mode == "certify" and self.radius is not None:
+            return "radius"
         return "adaptive" if self.mode == "certify" and self.adaptive else self.mode
 
     @property
     def samples_per_image(self) -> int:
-        """Noisy forward passes of one image at a fixed budget (all its sigmas)."""
-        return self.sigmas * (self.n + (self.n0 if self.mode == "certify" else 0))
+        """Noisy forward passes of one image at a fixed budget; at most that for modes that stop early (a cascade
+        runs n0 + n per stage)."""
+        return self.sigmas * (self.n + (self.n0 if self.mode == "certify" or self.sigmas > 1 else 0))
 
     def check(self) -> "Job":
         """Every value checked (type and range) before any is used; returns self."""
@@ -99,8 +91,9 @@ class Job:
         if self.radius is not None and self.adaptive:
             raise UserError("--radius and --adaptive exclude each other: a decision at r, or the largest radius")
         check_int("sigmas", self.sigmas, 1)
-        if self.sigmas > 1 and (self.mode != "certify" or self.adaptive):
-            raise UserError("several sigmas apply to certify and certify --radius only, not to predict or --adaptive")
+        if self.sigmas > 1 and self.adaptive:
+            raise UserError("several sigmas (a cascade) and --adaptive exclude each other")
+        check_number("--p0", self.p0, 0.5, 1.0, high_open=True)
         if self.radius is not None:
             check_number("--radius", self.radius, 0.0, math.inf)
         check_number("--beta", self.beta, 0.0, 1.0, high_open=True)
@@ -126,17 +119,12 @@ def round_down(radius: float) -> float:
 
 def _format_row(mode: str, idx: int, label: int, prediction: int, radius: float, seconds: float,
                 samples: int = 0, certified: bool = False, sigma: float | None = None) -> str:
-    """One row of layout `mode` (a HEADERS key); `samples` for adaptive and radius rows, `certified` for radius
-    ones, `sigma` (None: "-") for rows at several sigmas."""
-    elapsed = str(datetime.timedelta(seconds=seconds))
-    correct = int(prediction == label)
-    at = "-" if sigma is None else f"{sigma:g}"
-    if mode == "predict":
-        return f"{idx}\t{label}\t{prediction}\t{correct}\t{elapsed}"
-    if mode in ("radius", "radius-sigmas"):
-        return f"{idx}\t{label}\t{prediction}\t{int(certified)}\t{samples}\t" + (f"{at}\t" if mode != "radius" else "") + elapsed
-    row = f"{idx}\t{label}\t{prediction}\t{round_down(radius):.4f}\t{correct}"
-    return row + {"adaptive": f"\t{samples}", "sigmas": f"\t{at}"}.get(mode, "") + f"\t{elapsed}"
+    """One row of layout `mode` (a HEADERS key); `samples` for adaptive, radius and cascade rows, `certified` for
+    radius ones, `sigma` (None: "-") for cascade rows."""
+    values = {"idx": idx, "label": label, "predict": prediction, "radius": f"{round_down(radius):.4f}",
+              "correct": int(prediction == label), "certified": int(certified), "samples": samples,
+              "sigma": "-" if sigma is None else f"{sigma:g}", "time": datetime.timedelta(seconds=seconds)}
+    return "\t".join(str(values[column]) for column in HEADERS[mode].split("\t"))
 
 
 def _read_rows(path: Path, mode: str, has_header: bool) -> dict[int, str]:
@@ -221,11 +209,14 @@ def check_batch(rows: int, input_shape: tuple[int, ...] | None, device: torch.de
 
 
 def run(certifier: Certifier | Sequence[Certifier], dataset, out: str | Path, job: Job, params: dict[str, Any], *,
-        rank: int = 0, world: int = 1, progress: bool = True) -> Path:
+        rank: int = 0, world: int = 1, progress: bool = True, meter: Meter | None = None) -> Path:
     """Certify (or predict) `job`'s images of `dataset` into `out`; returns the path of the merged TSV.
 
     `certifier`: one, or one per sigma (job.sigmas of them) for certification at several sigmas.
     `params` (everything the command line was given, JSON-serializable) becomes the sidecar.
+    `meter` (default: one that measures the rate on the first images) prints the run's estimate and refuses
+    work no machine finishes (`TooLong`, unless it is forced); refused before its first row, a new run leaves
+    no file behind.
     """
     certifiers = [certifier] if isinstance(certifier, Certifier) else list(certifier)
     certifier = certifiers[0]
@@ -237,14 +228,20 @@ def run(certifier: Certifier | Sequence[Certifier], dataset, out: str | Path, jo
               "skip": job.skip, "max": job.max_images, "seed": job.seed, **params}
     # Recorded only when used, so that sidecars from before these modes still resume.
     if job.radius is not None:
-        params.update(radius=job.radius, beta=job.beta)
+        params.update(radius=job.radius)
+    if job.radius is not None or job.sigmas > 1:
+        params.update(beta=job.beta)
     if job.adaptive:
         params.update(adaptive=True, tolerance=job.tolerance)
+    if job.sigmas > 1:
+        params.update(n0=job.n0, p0=job.p0)
     layout = job.layout
     check_batch(min(certifier.batch_size, job.samples_per_image * len(job.indices(len(dataset)))),
                 certifier.input_shape or certifier.backend.info.input_shape, certifier.device,
                 certifier.backend.input_dtype.itemsize)
     lock = OutputLock(out)  # taken by rank 0 for the whole job: shards write their parts under it
+    meter = meter or Meter()
+    fresh = not sidecar_path(out).exists()
 
     def prepare() -> set[int]:
         check_writable(out)
@@ -257,8 +254,17 @@ def run(certifier: Certifier | Sequence[Certifier], dataset, out: str | Path, jo
         mine = pending[rank::world]
         target = out if world == 1 else out.with_name(f"{out.name}.part{rank}")
         try:
+            stops_early = job.radius is not None or job.adaptive or job.sigmas > 1
+            sync = (lambda: torch.cuda.synchronize(certifier.device)) if certifier.device.type == "cuda" else None
+            meter.begin(Workload(job.mode, len(mine), job.samples_per_image, stops_early), show=progress and rank == 0,
+                        refuse_measured=world == 1, sync=sync)
             _write_rows(certifiers, dataset, job, mine, target, progress and rank == 0,
-                        f"{job.mode}" + (f" (rank 0 of {world})" if world > 1 else ""))
+                        f"{job.mode}" + (f" (rank 0 of {world})" if world > 1 else ""), meter)
+        except TooLong:
+            if fresh and rank == 0 and world == 1 and out.read_text() == HEADERS[layout] + "\n":
+                out.unlink()
+                sidecar_path(out).unlink()
+            raise
         except OSError as e:
             raise write_error(target, e) from None
         except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -282,13 +288,13 @@ def _outcomes(certifiers: list[Certifier], job: Job, images: torch.Tensor, seeds
     if layout == "radius":
         d = certifier.certify_radius(images[0], job.radius, job.alpha, beta=beta, n0=job.n0, max_samples=job.n, seed=seeds[0])
         return [(d.prediction, 0.0, d.samples, d.certified, None)]
-    if layout == "radius-sigmas":
-        d = certify_radius_best(certifiers, images[0], job.radius, job.alpha, beta=beta, n0=job.n0, max_samples=job.n,
-                                seed=seeds[0])
+    if layout == "radius-cascade":
+        d = Cascade(certifiers, job.p0).certify_radius(images[0], job.radius, job.alpha, beta=beta, n0=job.n0,
+                                                       max_samples=job.n, seed=seeds[0])
         return [(d.prediction, 0.0, d.samples, d.certified, d.sigma)]
-    if layout == "sigmas":
-        return [(b.prediction, b.radius, b.samples, False, b.sigma)
-                for b in certify_best(certifiers, images, job.n0, job.n, job.alpha, seeds)]
+    if layout in ("cascade", "predict-cascade"):
+        c = Cascade(certifiers, job.p0).certify(images[0], job.n0, job.n, job.alpha, seeds[0], beta=beta)
+        return [(c.prediction, c.radius, c.samples, False, c.sigma)]
     if layout == "adaptive":
         r = certifier.certify(images[0], job.n0, job.n, job.alpha, seeds[0], adaptive=True, tolerance=job.tolerance)
         return [(r.prediction, r.radius, r.samples, False, None)]
@@ -299,21 +305,30 @@ def _outcomes(certifiers: list[Certifier], job: Job, images: torch.Tensor, seeds
 
 
 def _write_rows(certifiers: list[Certifier], dataset, job: Job, mine: list[int], target: Path, progress: bool,
-                desc: str) -> None:
-    """Certify (or predict) images `mine` of `dataset`, appending one flushed row per image to `target`."""
+                desc: str, meter: Meter) -> None:
+    """Certify (or predict) images `mine` of `dataset`, appending one flushed row per image to `target`;
+    `meter` watches every batch (the samplers' `on_batch`)."""
     layout = job.layout
     # Images whose samples fit in one batch go together; sequential modes take one image at a time.
-    group = max(1, certifiers[0].batch_size * job.sigmas // job.samples_per_image) if layout in ("certify", "predict", "sigmas") else 1
+    group = max(1, certifiers[0].batch_size * job.sigmas // job.samples_per_image) if layout in ("certify", "predict") else 1
     spent = 0
     bar = tqdm(total=len(mine), unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
-    with open(target, "a") as f:
+    samplers = [c.sampler for c in certifiers]
+    for sampler in samplers:
+        sampler.on_batch = meter.on_batch
+    with open(target, "a") as f, contextlib.ExitStack() as cleanup:
+        cleanup.callback(meter.close)
+        for sampler in samplers:
+            cleanup.callback(setattr, sampler, "on_batch", None)
         for g in range(0, len(mine), group):
             idx = mine[g:g + group]
             images, labels = dataset.batch(torch.tensor(idx))
             seeds = [derive_seed(job.seed, i) for i in idx]
             t0 = time.perf_counter()
+            meter.start_group(job.samples_per_image * len(idx))
             outcomes = _outcomes(certifiers, job, images, seeds)
+            meter.end_group()
             seconds = (time.perf_counter() - t0) / len(idx)
             for i, label, (prediction, radius, samples, certified, sigma) in zip(idx, labels.tolist(), outcomes):
                 f.write(_format_row(layout, i, label, prediction, radius, seconds, samples, certified, sigma) + "\n")

@@ -15,11 +15,15 @@ space, written straight in the model's input space and dtype:
   every batch runs at the full batch size (the last one padded with rows of no image, which are never
   counted), and with `cuda_graphs` that fixed-size step (sampler, model, counting) is captured once in a
   CUDA graph and replayed.
+
+Either sampler calls its `on_batch` (None: nothing), where set, with the number of real samples of each batch
+once that batch is sent through the model: for progress and rate measurement (`rrcm.engine.timing.Meter`), never
+touching counts or noise.
 """
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +47,7 @@ class TorchSampler:
     """Noise from torch.Generator streams through torch ops; counts with argmax and index_add_."""
 
     name = "torch"
+    on_batch: Callable[[int], None] | None = None
 
     def __init__(self, backend, num_classes: int, sigma: float, batch_size: int, sound: bool = False):
         self.backend, self.num_classes, self.sigma, self.batch_size = backend, num_classes, sigma, batch_size
@@ -67,15 +72,15 @@ class TorchSampler:
         for i, m in enumerate(num_samples):
             for size in split(m, self.batch_size):
                 if filled + size > self.batch_size:
-                    counts += self._count_batch(images, batch, streams)
+                    counts += self._count_batch(images, batch, streams, filled)
                     batch, filled = [], 0
                 batch.append((i, size))
                 filled += size
         if batch:
-            counts += self._count_batch(images, batch, streams)
+            counts += self._count_batch(images, batch, streams, filled)
         return counts
 
-    def _count_batch(self, images: torch.Tensor, pieces: list[tuple[int, int]], streams) -> torch.Tensor:
+    def _count_batch(self, images: torch.Tensor, pieces: list[tuple[int, int]], streams, rows: int) -> torch.Tensor:
         b = self.backend
         parts, ids = [], []
         for i, size in pieces:
@@ -84,7 +89,10 @@ class TorchSampler:
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
         logits = b.forward(batch)
         self.finite &= torch.isfinite(logits).all()
-        return count_predictions(logits, ids[0] if len(ids) == 1 else torch.cat(ids), len(images))
+        counts = count_predictions(logits, ids[0] if len(ids) == 1 else torch.cat(ids), len(images))
+        if self.on_batch is not None:
+            self.on_batch(rows)
+        return counts
 
 
 @dataclass
@@ -114,6 +122,7 @@ class TritonSampler:
     """
 
     name = "triton"
+    on_batch: Callable[[int], None] | None = None
 
     def __init__(self, backend, num_classes: int, sigma: float, batch_size: int, *, cuda_graphs: bool = False,
                  static_batches: bool = False):
@@ -156,6 +165,8 @@ class TritonSampler:
             torch.index_select(images, 0, index, out=buffers["images"][:plan.images])
             self._step(plan.rows)
             counts.index_add_(0, index, buffers["counts"][:plan.images])
+            if self.on_batch is not None:
+                self.on_batch(int((plan.table[0] >= 0).sum()))
         for stream, m in zip(streams, num_samples):
             stream.drawn += m
         return counts

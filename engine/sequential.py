@@ -102,6 +102,35 @@ class BetaBinomialTest:
         return lo, certify
 
 
+def upper_confidence_sequence(t, h, level: float, a: float = 0.5, b: float = 0.5) -> np.ndarray:
+    """Anytime-valid upper bounds on hit probabilities from h hits among t samples (numpy broadcasting).
+
+    The bound is the largest q >= h / t that the mirrored Beta(a, b) mixture test (`BetaBinomialTest`) at q does
+    not reject at `level`: for a stream of hits with probability p, P(at some t the bound is below p) <= level,
+    whenever the stream is read and stopped. Found by bisection (the statistic increases in q above h / t),
+    rounded up; 1.0 where no q < 1 is rejected.
+    """
+    t, h = np.broadcast_arrays(np.asarray(t, dtype=np.float64), np.asarray(h, dtype=np.float64))
+    if (t < 1).any() or (h < 0).any() or (h > t).any():
+        raise ValueError("need 0 <= h <= t and t >= 1")
+    _check_level("level", level)
+    failures, threshold, prior = t - h, math.log(1 / level), float(betaln(a, b))
+
+    def rejected(q):
+        with np.errstate(divide="ignore", invalid="ignore"):  # log(1 - q) at q = 1: rejected once a failure is seen
+            miss = np.where(failures > 0, failures * np.log1p(-q), 0.0)
+        log_e = betaln(a + failures, b + h) - prior - miss - h * np.log(q)
+        return log_e >= threshold
+
+    lo, hi = h / t, np.ones_like(t)  # lo is never rejected (q <= h / t); the bound lies in [lo, hi]
+    open_ended = ~rejected(hi)
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        bad = rejected(mid)
+        lo, hi = np.where(bad, lo, mid), np.where(bad, mid, hi)
+    return np.where(open_ended, 1.0, hi)
+
+
 def check_times(max_samples: int, batch_size: int = 1, first_batch: int | None = None) -> np.ndarray:
     """Sample counts after each batch: batches of `first_batch` doubling up to `batch_size` (all `batch_size`
     when first_batch is None), the last one cut to end at max_samples."""

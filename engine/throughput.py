@@ -50,6 +50,7 @@ from rrcm.outputs import atomic_write, check_writable, make_folder
 ROUNDS = 3
 ALPHA = 0.001
 PEAK_SECONDS = 1.0
+MAX_SECONDS = 3600.0  # per configuration: an hour is already far more than a stable rate needs
 MATMUL_SIZES = {"cpu": (256, 512, 1024), "cuda": (8192,)}
 INT8_CALIBRATION_IMAGES = 64  # random images: the cost of int8 does not depend on what the scales are
 
@@ -355,8 +356,9 @@ def run_bench(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be >= 1, got {args.n}")
     if args.batch is not None and args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
-    if not (math.isfinite(args.seconds) and args.seconds > 0):
-        raise UserError(f"--seconds must be a positive number, got {args.seconds}")
+    if not (math.isfinite(args.seconds) and 0 < args.seconds <= MAX_SECONDS):
+        raise UserError(f"--seconds must be a number in (0, {MAX_SECONDS:g}] (timed seconds per configuration), "
+                        f"got {args.seconds}")
     if args.sigma is not None and not (math.isfinite(args.sigma) and args.sigma > 0):
         raise UserError(f"--sigma must be a positive number, got {args.sigma}")
     json_path = None if args.json is None else check_writable(args.json)

@@ -2,25 +2,25 @@
 
 Output element e of a call uses draw `offset + e` of the seed's integer stream: a uniform u in [0, 2^62)
 made of two Philox words (`rrcm.kernels.philox.philox_uniform62` is the same stream in torch). The offset
-i is the inverse CDF of u against the 511-entry integer table of `rrcm.kernels.sound.cdf_table`, found by a
-9-step binary search in the kernel, so the law is exactly the torch path's. The output is
-grid_to_model(clip(x + i, 0, 255)) as torch computes it on CUDA, bit for bit: scale / 255 and shift rounded
-to the output dtype, product and sum each computed in float32 and rounded to it. (Torch on the CPU keeps
-scale / 255 in float32 for bf16/fp16, which can move a value by one unit in the last place.) Either way
-the model sees a fixed function of the integer grid values. (seed, offset), rows and tensor offsets work
-as in `triton_sampling`.
+i is the inverse CDF of u against the (2M + 1)-entry integer table of `rrcm.kernels.sound.cdf_table`, padded
+with 2^62 to 2^STEPS - 1 entries and found by a STEPS-step binary search in the kernel, so the law is exactly
+the torch path's for any support M. The output is grid_to_model(x + i), unclipped (the values the classifier
+saw in training), as torch computes it on the CPU and on CUDA, bit for bit: x + i, scale / 255 and shift in
+float32, product and sum each rounded to float32, then one rounding to the output dtype. The model sees a
+fixed function of the integer grid values. (seed, offset), rows and tensor offsets work as in
+`triton_sampling`.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from rrcm.errors import UserError
-from rrcm.kernels.sound import GRID, cdf_table, to_grid
+from rrcm.kernels.sound import GRID, TABLE_BITS, cdf_table, support, to_grid
 from rrcm.kernels.triton_sampling import check_launch, check_number, empty_batch, image_of_row, launch_grid
-
-_SEARCH_STEPS = 9  # 2^9 - 1 = 511 table entries
 
 
 @triton.jit
@@ -36,7 +36,8 @@ def _rounded(y, dtype: tl.constexpr):
 
 @triton.jit
 def _search(u, cdf_ptr, STEPS: tl.constexpr):
-    """#{j : T_j <= u} for int64 u in [0, 2^62): the smallest j with u < T_j (T_510 = 2^62 keeps it <= 510)."""
+    """#{j : T_j <= u} for int64 u in [0, 2^62) and a table of 2^STEPS - 1 entries: the smallest j with
+    u < T_j (the table's 2^62 entries, the last real one and the padding, keep it at most 2M)."""
     below = tl.zeros(u.shape, dtype=tl.int32)
     for k in tl.static_range(STEPS - 1, -1, -1):
         below += tl.where(tl.load(cdf_ptr + below + ((1 << k) - 1)) <= u, 1 << k, 0)
@@ -45,8 +46,8 @@ def _search(u, cdf_ptr, STEPS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["offset", "seed"])
 def _sound_inputs_kernel(
-    out_ptr, grid_ptr, image_of_row_ptr, cdf_ptr, offset, seed, num_images, chw, scale, shift,
-    OFFSET_IN_MEMORY: tl.constexpr, QBLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr, GRID_MAX: tl.constexpr,
+    out_ptr, grid_ptr, image_of_row_ptr, cdf_ptr, offset, seed, num_images, chw, half_width, scale, shift,
+    OFFSET_IN_MEMORY: tl.constexpr, QBLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     # Program (row, chunk) covers 2 * QBLOCK consecutive draws from an even one: each randint4x call gives
     # two draws; the first and last chunk of a row mask what is not theirs.
@@ -68,16 +69,25 @@ def _sound_inputs_kernel(
     image = tl.load(image_of_row_ptr + row).to(tl.int64)
     valid = (image >= 0) & (image < num_images)
     x = tl.load(grid_ptr + tl.where(valid, image, 0) * chw + pos, mask=in_row, other=0).to(tl.int32)
-    value = tl.minimum(tl.maximum(x + below - GRID_MAX, 0), GRID_MAX).to(tl.float32)
+    value = (x + below - half_width).to(tl.float32)  # x + i, exact in float32 (|x + i| < 2^24)
     # Round after the product and after the shift, as grid_to_model's two torch ops do (no FMA: see launch).
-    y = _rounded(_rounded(value * scale, out_ptr.dtype.element_ty) + shift, out_ptr.dtype.element_ty)
+    y = _rounded(value * scale + shift, out_ptr.dtype.element_ty)
     y = tl.where(valid, y, float("nan"))
     tl.store(out_ptr + row * chw + pos, y.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
-def _in_dtype(x: float, dtype: torch.dtype) -> float:
-    """x rounded to dtype as torch rounds a Python scalar operand of a CUDA op on a dtype tensor."""
-    return float(torch.tensor(x, dtype=torch.float64).to(dtype))
+@functools.lru_cache(maxsize=16)
+def padded_table(sigma: float, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(cdf_table(sigma) padded with 2^62 to 2^steps - 1 entries, steps): what `_search` takes."""
+    table = cdf_table(sigma)
+    steps = len(table).bit_length()  # 2^steps - 1 >= len(table)
+    padding = torch.full((2**steps - 1 - len(table),), 2**TABLE_BITS, dtype=torch.int64)
+    return torch.cat([table, padding]).to(device), steps
+
+
+def _float32(x: float) -> float:
+    """x rounded to float32, as torch rounds a Python scalar operand of an op on a float32 tensor."""
+    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
 
 
 def write_sound_inputs(
@@ -90,7 +100,7 @@ def write_sound_inputs(
     scale: float = 1.0,
     shift: float = 0.0,
 ) -> torch.Tensor:
-    """Fill out (R, C, H, W) with grid_to_model(clip(x + i, 0, 255), scale, shift), x = grid_images[image_of_row[r]].
+    """Fill out (R, C, H, W) with grid_to_model(x + i, scale, shift), x = grid_images[image_of_row[r]], unclipped.
 
     grid_images: uint8 (k, C, H, W) grid values; image_of_row: (R,) integer, on out's device. One launch,
     no host sync. Rows naming no image in [0, k) are NaN. `offset` as in `write_noisy_inputs`: an int, or
@@ -101,7 +111,8 @@ def write_sound_inputs(
         raise UserError(f"grid_images must be a uint8 (k, C, H, W) tensor, got {shape} {dtype}")
     seed, offset = check_launch(out, grid_images, image_of_row, seed, offset)
     in_memory = isinstance(offset, torch.Tensor)
-    table = cdf_table(check_number("sigma", sigma), out.device)  # raises for sigma <= 0
+    sigma = check_number("sigma", sigma)
+    table, steps = padded_table(sigma, out.device)  # raises for sigma <= 0
     scale, shift = check_number("scale", scale), check_number("shift", shift)
     chw = grid_images[0].numel()
     if out.numel() == 0:
@@ -109,9 +120,9 @@ def write_sound_inputs(
     aligned = not in_memory and offset % 2 == 0 and chw % 2 == 0
     qblock, _, grid = launch_grid(out.shape[0], chw, draws_per_counter=2, aligned=aligned)
     _sound_inputs_kernel[grid](
-        out, grid_images.contiguous(), image_of_row, table, offset, seed, grid_images.shape[0], chw,
-        _in_dtype(scale / GRID, out.dtype), _in_dtype(shift, out.dtype),
-        OFFSET_IN_MEMORY=in_memory, QBLOCK=qblock, SEARCH_STEPS=_SEARCH_STEPS, GRID_MAX=GRID,
+        out, grid_images.contiguous(), image_of_row, table, offset, seed, grid_images.shape[0], chw, support(sigma),
+        _float32(scale / GRID), _float32(shift),
+        OFFSET_IN_MEMORY=in_memory, QBLOCK=qblock, SEARCH_STEPS=steps,
         enable_fp_fusion=False,  # a fused multiply-add would round once where torch rounds twice
     )
     if in_memory:
@@ -129,7 +140,7 @@ def sound_noisy_inputs_triton(
     shift: float = 0.0,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """grid_to_model(clip(x + i, 0, 255)) for `repeats[i]` copies of each image x = images[i], as one launch.
+    """grid_to_model(x + i), unclipped, for `repeats[i]` copies of each image x = images[i], as one launch.
 
     The drop-in for `sound_noisy_inputs` with (seed, offset) instead of a generator (the next call should
     start at offset + result.numel(); a tensor offset is advanced in place). images: uint8 (k, C, H, W), or

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
 CHECKSUM = "sha256"  # the training state's key for the digest of the rest of its contents
+
+
+class ConventionWarning(UserWarning):
+    """A public checkpoint loaded with a convention (final norm, time grid) assumed rather than given."""
 
 
 def save_checkpoint(folder: str | Path, model: nn.Module, cfg: ModelConfig, **meta: Any) -> Path:
@@ -125,6 +130,8 @@ def load_public_checkpoint(weights: str | Path | dict[str, torch.Tensor], preset
     - `pretrain_step`: the pre-training step the checkpoint was fine-tuned from (the paper's
       certify.py `--step`); it fixes the Karras grid, N(k) of its 600k-step 'icm' schedule: 21 points
       at step 0, 41 up to step 258,406 (e.g. 100,000), 81 from 258,407 on. Default: the preset's (81).
+    Either one left out is assumed as above, and a ConventionWarning names what was assumed: the weights
+    load either way, and a wrong guess changes the logits by several units with no error.
     """
     cfg = get_preset(preset) if isinstance(preset, str) else preset
     if final_norm is not None:
@@ -139,6 +146,16 @@ def load_public_checkpoint(weights: str | Path | dict[str, torch.Tensor], preset
     fine_tuned = any(k.removeprefix("module.").startswith("linear_head.") for k in state)
     model = Classifier(cfg) if fine_tuned else Encoder(cfg)
     load_public_state_dict(model, state, source)
+    assumed = []
+    if final_norm is None:
+        assumed.append(f"final_norm={cfg.final_norm} (the fine-tuning's layernorm option)")
+    if pretrain_step is None:
+        assumed.append(f"the {cfg.grid_points}-point time grid (pretrain_step: the pre-training step it was fine-tuned from)")
+    if assumed:
+        warnings.warn(f"load_public_checkpoint assumed {' and '.join(assumed)}, the defaults of "
+                      f"{preset if isinstance(preset, str) else 'this ModelConfig'}; give them as the checkpoint was "
+                      "trained: a wrong guess changes the logits by several units with no error",
+                      ConventionWarning, stacklevel=2)
     return model.eval()
 
 

@@ -15,7 +15,7 @@ from rrcm.errors import PerformanceWarning, UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rrcm.engine.demo:COMMAND", "certify a few Fashion-MNIST test images with the bundled rRCM classifier"),
-    "info": ("rrcm.cli:INFO", "print a preset's sizes and parameter counts per part"),
+    "info": ("rrcm.cli:INFO", "list the model presets, or print one preset's sizes and parameter counts per part"),
     "pretrain": ("rrcm.train.commands:PRETRAIN", "pre-train an rRCM encoder (contrastive denoising + consistency)"),
     "finetune": ("rrcm.train.commands:FINETUNE", "fine-tune an encoder into a classifier for one noise level, or one for several"),
     "certify": ("rrcm.engine.commands:CERTIFY", "certify test images (Cohen et al.'s CERTIFY), one TSV row each"),
@@ -101,13 +101,24 @@ class _Info:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         from rrcm.presets import PRESETS
 
-        p.add_argument("preset", metavar="PRESET", help=f"preset name: {', '.join(PRESETS)}")
+        p.add_argument("preset", metavar="PRESET", nargs="?",
+                       help=f"preset name: {', '.join(PRESETS)} (default: list them all, one line each)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from rrcm.model import parameter_counts
-        from rrcm.presets import get_preset
+        from rrcm.presets import PRESETS, get_preset
 
+        if args.preset is None:
+            width = max(map(len, PRESETS))
+            print(f"{'preset':<{width}}  {'dataset':<13} {'px':>4} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5} "
+                  f"{'parameters':>12}")
+            for name, cfg in PRESETS.items():
+                total = sum(parameter_counts(cfg).values())
+                print(f"{name:<{width}}  {cfg.dataset:<13} {cfg.image_size:>4} {cfg.patch_size:>5} {cfg.embed_dim:>5} "
+                      f"{cfg.depth:>5} {cfg.num_heads:>5} {total:>12,d}")
+            print("'rrcm info PRESET' for one preset's parts")
+            return 0
         cfg = get_preset(args.preset)
         print(f"{args.preset}: {cfg.image_size} px, {cfg.in_chans} channel(s), patch {cfg.patch_size}, "
               f"width {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_heads} heads, {cfg.num_patches + 2} tokens, "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the README's Fashion-MNIST results: rRCM (pre-train + fine-tune) against the baseline
+# Reproduce the Fashion-MNIST results (docs/results.md): rRCM (pre-train + fine-tune) against the baseline
 # (the same fine-tuning from scratch, with more epochs: its own 8 plus the pre-training's wall-clock),
 # certification of 500 test images per model, the analysis table and plot, and the bundled weights.
 # We ran the jobs two at a time, one thread each (OMP_NUM_THREADS=1), on a 2-core CPU: about 1.5 hours.
@@ -32,14 +32,14 @@ for s in 0.25 0.5 1.0; do
     python3 -c "import json, sys; c = json.load(open(sys.argv[1])); c['init'] = sys.argv[3]; json.dump(c, open(sys.argv[2], 'w'), indent=2)" \
         "$RUN/rrcm-$s/config.json" "$dest/config.json" "$RUN/pretrain"
 done
-# int8 (README "Tests and benchmarks"): the bundled classifiers quantized, the same images and seeds as rrcm-*.tsv.
+# int8 (docs/performance.md): the bundled classifiers quantized, the same images and seeds as rrcm-*.tsv.
 for s in 0.25 0.5 1.0; do
     $rrcm certify --model fashion-mnist --sigma $s --n0 100 --n 10000 --alpha 0.001 --skip 20 --max 500 --seed 0 \
         --precision int8 --out "$RESULTS/int8-$s.tsv"
 done
 (cd "$RESULTS" && $rrcm analyze int8-{0.25,0.5,1.0}.tsv --versus rrcm-{0.25,0.5,1.0}.tsv)
 
-# Fewer samples (README "Fewer samples"): the bundled sigma = 0.5 classifier, a decision at r against fixed
+# Fewer samples (docs/fewer-samples.md): the bundled sigma = 0.5 classifier, a decision at r against fixed
 # N = 100,000 on the same 500 images (the same noise seeds: derive_seed(seed, idx)).
 for r in 0.25 0.5 1.0; do
     $rrcm certify --model fashion-mnist --sigma 0.5 --radius $r --n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the README's "One classifier for every sigma": from one pre-training (fmnist-xs, as in
+# Reproduce "One classifier for every sigma" (docs/results.md): from one pre-training (fmnist-xs, as in
 # fashion_mnist_results.sh), three per-sigma classifiers (8 epochs each) against one classifier for
 # sigma in {0.25, 0.5, 1.0} (8 epochs: a third of their fine-tuning), each certified on the same 500
 # Fashion-MNIST test images (N = 10,000, alpha = 0.001, the same noise seeds), compared per sigma.

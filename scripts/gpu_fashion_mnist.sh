@@ -18,7 +18,7 @@
 #      LR, EMA and Karras-grid schedules run their whole course), batch 4096, lr 2e-3 (the CPU recipe's
 #      5e-4 at batch 256, scaled by sqrt(4096/256)), the paper's recipe otherwise;
 #   2. fine-tune an rRCM classifier for sigma 0.25, 0.5, 1.0 from it (batch 1024, lr 1e-3, no layer decay:
-#      the README's recipe at a GPU batch), each for T_f seconds;
+#      docs/results.md's recipe at a GPU batch), each for T_f seconds;
 #   3. the baseline (--from-scratch, the same fine-tuning recipe) for each sigma, matched in GPU time: the
 #      three baselines together get the pre-training's plus the three fine-tunings' measured training
 #      seconds, i.e. baseline(s) = T_pre / 3 + T_f(s) (one pre-training serves every sigma, as a user pays

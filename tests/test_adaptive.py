@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.special import ndtr, ndtri
 from scipy.stats import binom
 
+import oracle
 from halfspace import GaussianSampler, HalfSpace
-from rrcm.engine.adaptive import AdaptiveResult, certify_adaptive, checkpoint_levels, doubling_checkpoints
+from rrcm.engine.adaptive import certify_adaptive, checkpoint_levels, doubling_checkpoints
 from rrcm.engine.stats import ABSTAIN, lower_confidence_bound, upper_confidence_bound
 from rrcm.errors import UserError
 
@@ -44,27 +44,24 @@ def test_clopper_pearson_bounds_have_exact_coverage(t, level):
     assert level / 3 < worst_up <= level * (1 + 1e-9)
 
 
-def ever_exceeds(p_true: np.ndarray, checkpoints: list[int], levels: np.ndarray, rng) -> np.ndarray:
-    """Per run: does the best-so-far lower bound ever exceed the true probability? This is the adversary who stops
-    the first time the radius exceeds the true radius (the radius is monotone in the bound)."""
-    steps = np.diff(np.append(0, checkpoints))
-    hits = np.cumsum(rng.binomial(steps, p_true[:, None], size=(p_true.size, len(checkpoints))), axis=1)
-    best = np.maximum.accumulate(lower_confidence_bound(hits, np.array(checkpoints), levels), axis=1)
-    return (best > p_true[:, None]).any(axis=1)
+def test_adversary_failure_at_one_checkpoint_is_the_bound_s_miss_probability():
+    """The oracle's dynamic program at one checkpoint: P(the engine's bound > p), summed over the binomial law."""
+    p, n, level = 0.7, 300, 0.01
+    misses = lower_confidence_bound(np.arange(n + 1), n, level) > p
+    assert oracle.adversary_failure(p, [n], [level]) == pytest.approx(binom.pmf(np.arange(n + 1), n, p)[misses].sum(),
+                                                                      rel=1e-9)
 
 
 @pytest.mark.parametrize("distance", [0.1, 0.6, 1.2])
 def test_adversarial_stopping_cannot_beat_alpha(distance):
-    """Half-space points with true radius `distance` (p = Phi(distance / sigma)), 40,000 runs, alpha = 0.05."""
-    alpha, runs = 0.05, 40_000
+    """Half-space points with true radius `distance` (p = Phi(distance / sigma)), alpha = 0.05: the adversary's
+    exact failure probability is at most alpha, and well above it with alpha at every checkpoint instead."""
+    alpha = 0.05
     checkpoints = doubling_checkpoints(12_800)
-    p_true = np.full(runs, ndtr(distance / SIGMA))
-    rng = np.random.default_rng(int(distance * 10))
-    failures = ever_exceeds(p_true, checkpoints, checkpoint_levels(len(checkpoints), alpha), rng).mean()
-    assert failures <= alpha
+    p_true = float(oracle.mp.ncdf(distance / SIGMA))
+    assert oracle.adversary_failure(p_true, checkpoints, checkpoint_levels(len(checkpoints), alpha)) <= alpha
     # the same adversary against alpha at every checkpoint: the test above would catch that mistake
-    naive = ever_exceeds(p_true, checkpoints, np.full(len(checkpoints), alpha), rng).mean()
-    assert naive > alpha + 6 * math.sqrt(alpha * (1 - alpha) / runs)
+    assert oracle.adversary_failure(p_true, checkpoints, np.full(len(checkpoints), alpha)) > 1.5 * alpha
 
 
 def fixed_rate_sampler(*rates: float):
@@ -75,15 +72,20 @@ def fixed_rate_sampler(*rates: float):
     return draw
 
 
+# checkpoint_levels(11, alpha)[0]: alpha / 2 in proportion to 1/2 of sum_{k<10} 1/((k+1)(k+2)) = 1 - 1/11
+FIRST_LEVEL = 0.001 / 2 * (1 / 2) / (1 - 1 / 11)
+
+
 def test_tolerance_decides_how_much_of_the_budget_is_spent():
     draw = fixed_rate_sampler(0.9)
-    levels = checkpoint_levels(11, 0.001)
     first = certify_adaptive(draw, draw, 2, SIGMA, 0.001, tolerance=math.inf)
-    assert first == AdaptiveResult(1, SIGMA * float(ndtri(lower_confidence_bound(90, 100, levels[0]))),
-                                   float(lower_confidence_bound(90, 100, levels[0])), 200)
+    p_lower = oracle.clopper_pearson_lower(90, 100, FIRST_LEVEL)
+    assert (first.prediction, first.samples) == (1, 200)
+    assert first.p_lower == pytest.approx(p_lower, rel=1e-10)
+    assert first.radius == pytest.approx(oracle.certified_radius(p_lower, SIGMA), rel=1e-10)
     full = certify_adaptive(draw, draw, 2, SIGMA, 0.001, tolerance=0.0)
     assert full.samples == 100 + 100_000
-    assert full.p_lower == pytest.approx(float(lower_confidence_bound(90_000, 100_000, 0.0005)), rel=1e-12)
+    assert full.p_lower == pytest.approx(oracle.clopper_pearson_lower(90_000, 100_000, 0.0005), rel=1e-10)
     some = certify_adaptive(draw, draw, 2, SIGMA, 0.001, tolerance=0.01)
     assert first.samples < some.samples < full.samples
     assert full.radius - 0.01 <= some.radius < full.radius
@@ -91,8 +93,9 @@ def test_tolerance_decides_how_much_of_the_budget_is_spent():
 
 def test_clear_abstentions_stop_at_the_first_checkpoint():
     draw = fixed_rate_sampler(0.24, 0.24, 0.24)  # the top class, 0, has probability 0.28
-    assert certify_adaptive(draw, draw, 4, SIGMA, 0.001, tolerance=0.0) == AdaptiveResult(
-        ABSTAIN, 0.0, float(lower_confidence_bound(28, 100, checkpoint_levels(11, 0.001)[0])), 200)
+    result = certify_adaptive(draw, draw, 4, SIGMA, 0.001, tolerance=0.0)
+    assert (result.prediction, result.radius, result.samples) == (ABSTAIN, 0.0, 200)
+    assert result.p_lower == pytest.approx(oracle.clopper_pearson_lower(28, 100, FIRST_LEVEL), rel=1e-10)
     tie = fixed_rate_sampler(0.5)
     result = certify_adaptive(tie, tie, 2, SIGMA, 0.001, max_samples=3200)
     assert result.prediction == ABSTAIN and result.samples == 3300
@@ -107,14 +110,16 @@ def test_real_sampler_runs_stay_below_the_adversarial_bound():
     results = [certify_adaptive(GaussianSampler(model, image, SIGMA, 2 * i), GaussianSampler(model, image, SIGMA, 2 * i + 1),
                                 2, SIGMA, alpha, max_samples=budget, tolerance=0.01) for i in range(runs)]
     assert all(r.prediction == 1 and r.radius > 0 for r in results)
-    assert all(r.radius == pytest.approx(SIGMA * ndtri(r.p_lower)) for r in results)
+    assert all(r.radius == pytest.approx(oracle.certified_radius(r.p_lower, SIGMA), rel=1e-10) for r in results)
     assert any(r.samples < 100 + budget for r in results)
-    rate = np.mean([r.radius > distance for r in results])
+    false = sum(r.radius > distance for r in results)
     checkpoints = doubling_checkpoints(budget)
-    bound = ever_exceeds(np.full(100_000, ndtr(distance / SIGMA)), checkpoints,
-                         checkpoint_levels(len(checkpoints), alpha), np.random.default_rng(1)).mean()
+    p_true = float(oracle.mp.ncdf(distance / SIGMA))
+    bound = oracle.adversary_failure(p_true, checkpoints, checkpoint_levels(len(checkpoints), alpha))
     assert bound <= alpha
-    assert rate <= bound + 3 * math.sqrt(bound * (1 - bound) / runs)
+    # Its own rule is one the adversary's bound (0.144) covers, so its rate is at most the bound: refused past the
+    # bound's 1e-4 binomial quantile (85 of 400). A rate twice the bound passes with probability 3e-4, 2 alpha 1e-15.
+    assert false <= binom.isf(1e-4, runs, bound), (false, bound)
 
 
 def test_bad_arguments_are_user_errors():

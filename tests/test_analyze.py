@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import pytest
 
 from rrcm.cli import main
@@ -207,14 +209,19 @@ def test_mixed_kinds_get_one_table_each(tmp_path, capsys):
 
 
 def test_sigma_column_is_found_by_name(tmp_path):
-    # multi-sigma certification: each image's sigma in a column, here before radius to show that order is free
-    rows = [(0, 1, 1, 0.25, 0.30, 1, "0:00:01"), (1, 2, 2, 0.5, 0.80, 1, "0:00:01"), (2, 3, 4, 1.0, 0.9, 0, "0:00:01")]
+    # a cascade: the answering stage's sigma in a column ("-" for an abstention), here before radius to show that
+    # order is free
+    rows = [(0, 1, 1, 0.25, 0.30, 1, "0:00:01"), (1, 2, 2, 0.5, 0.80, 1, "0:00:01"), (2, 3, 4, 1.0, 0.9, 0, "0:00:01"),
+            (3, 3, -1, "-", 0.0, 0, "0:00:01")]
     path = write_tsv(tmp_path / "multi.tsv", "idx label predict sigma radius correct time", rows,
                      sidecar(sigma=[0.25, 0.5, 1.0]))
     cert = read_results(path)
-    assert list(cert.radius) == [0.30, 0.80, 0.9] and list(cert.correct) == [True, True, False]
-    assert list(cert.sigma) == [0.25, 0.5, 1.0] and cert.acr() == pytest.approx(1.1 / 3)
-    assert series_label(cert, "rRCM") == "rRCM, σ per image: 0.25/0.5/1"
+    assert list(cert.radius) == [0.30, 0.80, 0.9, 0.0] and list(cert.correct) == [True, True, False, False]
+    assert list(cert.sigma[:3]) == [0.25, 0.5, 1.0] and np.isnan(cert.sigma[3]) and cert.acr() == pytest.approx(1.1 / 4)
+    assert series_label(cert, "rRCM") == "rRCM, cascade σ = 1/0.5/0.25"
+    # without the sidecar, the sigmas the column holds
+    os.remove(path + ".json")
+    assert series_label(read_results(path), "rRCM") == "rRCM, σ per image: 0.25/0.5/1"
 
 
 def test_repeated_idx_counts_once_or_is_refused(tmp_path, capsys):

@@ -109,7 +109,8 @@ def test_configuration_tables():
 @pytest.mark.parametrize("args, message", [
     (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
     (["--preset", "tiny", "--n", "0"], "--n must be >= 1"),
-    (["--preset", "tiny", "--seconds", "-1"], "--seconds must be a positive number"),
+    (["--preset", "tiny", "--seconds", "-1"], "--seconds must be a number in (0, 3600]"),
+    (["--preset", "tiny", "--seconds", "1e23"], "--seconds must be a number in (0, 3600]"),
     (["--preset", "tiny", "--batch", "0"], "--batch must be >= 1"),
     (["--preset", "tiny", "--sigma", "nan"], "--sigma must be a positive number"),
     (["--preset", "tiny", "--configs", "fp32,warp-drive"], "unknown configuration(s) warp-drive on cpu"),

@@ -40,3 +40,9 @@ def test_presets_grid_default_is_the_schedules():
     from rrcm.schedule import FINAL_SCALES
 
     assert ModelConfig().grid_points == FINAL_SCALES
+
+
+def test_certify_names_the_precisions_the_backend_runs():
+    from rrcm.engine import backends, commands
+
+    assert commands.PRECISIONS == tuple(backends.PRECISIONS)  # written out so that --help loads no torch

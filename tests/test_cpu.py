@@ -150,14 +150,14 @@ def test_bf16_cost_is_measured_only_without_native_bf16(classifier, monkeypatch)
 
 
 class FakeRates:
-    """best_rates with fixed results, counting its calls (no timing)."""
+    """timed_rounds with the same fixed results in every round, counting its calls (no timing)."""
 
     def __init__(self, rates: dict[str, float]):
         self.rates, self.calls = rates, 0
 
     def __call__(self, candidates, seconds, rounds=3):
         self.calls += 1
-        return {name: self.rates[name] for name in candidates}
+        return [{name: self.rates[name] for name in candidates} for _ in range(rounds)]
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def eager_only(monkeypatch):
 def test_probe_then_cache_without_timing(classifier, tmp_path, monkeypatch, eager_only, capsys):
     cache, cpu_device = tmp_path / "runtimes.json", torch.device("cpu")
     rates = FakeRates({"eager": 100.0, "compiled": 300.0, "onnxruntime": 200.0})
-    monkeypatch.setattr(autoselect, "best_rates", rates)
+    monkeypatch.setattr(autoselect, "timed_rounds", rates)
     backend, choice = autoselect.select_runtime(classifier, "f" * 64, 32, cpu_device, cache=cache)
     assert (choice.runtime, choice.source, choice.backend, choice.compile, rates.calls) == ("compiled", "probe", "torch", True, 1)
     assert "timing torch eager, torch.compile, ONNX Runtime" in capsys.readouterr().out
@@ -195,7 +195,7 @@ def test_a_corrupt_cache_is_ignored_and_rewritten(classifier, tmp_path, monkeypa
     key = autoselect._digest(autoselect.cache_key("f" * 64, 16, torch.device("cpu")))
     cache.write_bytes(content.replace(b"KEY", key.encode()))
     rates = FakeRates({"eager": 300.0, "compiled": 100.0, "onnxruntime": 200.0})
-    monkeypatch.setattr(autoselect, "best_rates", rates)
+    monkeypatch.setattr(autoselect, "timed_rounds", rates)
     _, choice = autoselect.select_runtime(classifier, "f" * 64, 16, torch.device("cpu"), cache=cache)
     assert (choice.runtime, choice.source, rates.calls) == ("eager", "probe", 1)
     assert json.loads(cache.read_text())["entries"][key]["runtime"] == "eager"
@@ -208,14 +208,14 @@ def test_a_runtime_that_cannot_run_is_skipped(classifier, tmp_path, monkeypatch)
         return TorchBackend(model, device)
 
     monkeypatch.setattr(autoselect, "build_runtime", build)
-    monkeypatch.setattr(autoselect, "best_rates", FakeRates({"eager": 100.0, "compiled": 90.0}))
+    monkeypatch.setattr(autoselect, "timed_rounds", FakeRates({"eager": 100.0, "compiled": 90.0}))
     _, choice = autoselect.select_runtime(classifier, "f" * 64, 16, torch.device("cpu"), cache=tmp_path / "c.json")
     assert choice.runtime == "eager" and choice.skipped == {"onnxruntime": "No module named 'onnxruntime'"}
     assert "ONNX Runtime skipped: No module named 'onnxruntime'" in choice.summary(16)
 
 
 def test_auto_runtimes_can_be_limited(classifier, tmp_path, monkeypatch):
-    monkeypatch.setattr(autoselect, "best_rates", FakeRates({"eager": 100.0, "compiled": 300.0, "onnxruntime": 200.0}))
+    monkeypatch.setattr(autoselect, "timed_rounds", FakeRates({"eager": 100.0, "compiled": 300.0, "onnxruntime": 200.0}))
     monkeypatch.setenv("RRCM_AUTO_RUNTIMES", "eager,onnxruntime")
     cache = tmp_path / "c.json"
     _, choice = autoselect.select_runtime(classifier, "f" * 64, 16, torch.device("cpu"), cache=cache)
@@ -223,7 +223,7 @@ def test_auto_runtimes_can_be_limited(classifier, tmp_path, monkeypatch):
     entry = next(iter(json.loads(cache.read_text())["entries"].values()))
     assert entry["key"]["candidates"] == ["eager", "onnxruntime"]  # a probe of all three is another entry
     monkeypatch.setenv("RRCM_AUTO_RUNTIMES", "eager")
-    monkeypatch.setattr(autoselect, "best_rates", FakeRates({}))  # a KeyError if it were asked
+    monkeypatch.setattr(autoselect, "timed_rounds", FakeRates({}))  # a KeyError if it were asked
     backend, choice = autoselect.select_runtime(classifier, "f" * 64, 16, torch.device("cpu"), cache=cache)
     assert (backend.name, backend.compiled, choice.source) == ("torch", False, "only")
     assert "not timed" in choice.summary(16)

@@ -27,7 +27,7 @@ def test_export_cli_writes_a_checked_dynamic_batch_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     diff = float(re.search(r"max \|logit diff\| ([0-9.e+-]+)", printed).group(1))
     agreement = float(re.search(r"argmax agreement ([0-9.]+)%", printed).group(1))
-    assert diff < 1e-3 and agreement >= 99.0
+    assert diff < 1e-3 and agreement == 100.0  # float32 throughout: the same function, up to rounding
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     (x,) = model.graph.input

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
+import oracle
 from rrcm.engine import stats
 
 
@@ -19,11 +20,14 @@ def test_bound_closed_forms():
     assert stats.lower_confidence_bound(1, 50, 0.05) == pytest.approx(1 - 0.95 ** (1 / 50), rel=1e-10)
 
 
-def test_bound_is_the_smallest_p_with_tail_alpha():
-    # The one-sided bound is the p with P(Bin(n, p) >= k) = alpha.
-    for k, n, alpha in [(7, 10, 0.05), (990, 1000, 0.001), (99_000, 100_000, 0.001), (55, 100, 0.1)]:
-        p = stats.lower_confidence_bound(k, n, alpha)
-        assert binom.sf(k - 1, n, p) == pytest.approx(alpha, rel=1e-6)
+@pytest.mark.parametrize("k, n, alpha", [(7, 10, 0.05), (990, 1000, 0.001), (99_000, 100_000, 0.001), (55, 100, 0.1),
+                                         (1, 100_000, 0.01), (3, 10, 0.3)])
+def test_bounds_equal_the_exact_tail_roots(k, n, alpha):
+    """The lower bound is the p with P(Bin(n, p) >= k) = alpha, the upper one the p with P(Bin(n, p) <= k) = alpha:
+    both against the oracle's roots of exact binomial sums (mpmath)."""
+    lower, upper = oracle.clopper_pearson_lower(k, n, alpha), oracle.clopper_pearson_upper(k, n, alpha)
+    assert stats.lower_confidence_bound(k, n, alpha) == pytest.approx(lower, rel=1e-10)
+    assert stats.upper_confidence_bound(k, n, alpha) == pytest.approx(upper, rel=1e-10)
 
 
 def test_bound_on_arrays_matches_scalars():
@@ -56,8 +60,8 @@ def test_radius_and_abstention():
     selection = np.array([1, 9, 0])
     prediction, radius, p_lower = stats.certify_from_counts(selection, np.array([10, 985, 5]), 0.5, 0.001)
     assert prediction == 1
-    assert p_lower == pytest.approx(stats.lower_confidence_bound(985, 1000, 0.001))
-    assert radius == pytest.approx(0.5 * norm.ppf(p_lower))
+    assert p_lower == pytest.approx(oracle.clopper_pearson_lower(985, 1000, 0.001), rel=1e-10)
+    assert radius == pytest.approx(oracle.certified_radius(p_lower, 0.5), rel=1e-10)
     # Estimation disagreeing with selection: class 1 has 400 of 1000 -> abstain.
     assert stats.certify_from_counts(selection, np.array([600, 400, 0]), 0.5, 0.001)[:2] == (stats.ABSTAIN, 0.0)
     # Just above half is not enough at this alpha.
@@ -71,13 +75,20 @@ def test_predict_binomial_test():
     assert stats.predict_from_counts(np.array([0, 0, 9]), 0.001) == stats.ABSTAIN  # 2 * 0.5^9 > 0.001
 
 
-def test_predict_error_rate_at_most_alpha():
-    """With two classes of equal probability any answer is wrong: PREDICT must abstain but for alpha."""
-    rng = np.random.default_rng(0)
-    alpha, n, trials = 0.05, 200, 4000
-    a = rng.binomial(n, 0.5, size=trials)
-    answered = np.mean([stats.predict_from_counts(np.array([k, n - k]), alpha) != stats.ABSTAIN for k in a])
-    exact = binom.pmf(np.arange(n + 1), n, 0.5)[[stats.predict_from_counts(np.array([k, n - k]), alpha) != stats.ABSTAIN
-                                                 for k in range(n + 1)]].sum()
-    assert exact <= alpha
-    assert abs(answered - exact) <= 4 * math.sqrt(exact * (1 - exact) / trials)
+def two_sided_fair_coin_rejects(a: int, b: int, alpha: float) -> bool:
+    """The exact two-sided binomial test of a vs b at p = 1/2, in integers: P(Bin(a + b, 1/2) as far from the
+    middle as a) = 2 P(Bin <= min(a, b)) (1 where a = b) is at most alpha."""
+    n = a + b
+    if a == b:
+        return alpha >= 1
+    return 2 * sum(math.comb(n, j) for j in range(min(a, b) + 1)) <= alpha * 2**n
+
+
+@pytest.mark.parametrize("n, alpha", [(200, 0.05), (12, 0.001), (1000, 0.001)])
+def test_predict_answers_exactly_where_the_binomial_test_rejects(n, alpha):
+    """With two classes of equal probability any answer is wrong: PREDICT answers exactly on the counts where the
+    exact test (integers) rejects, so it errs with probability at most alpha (summed exactly)."""
+    answered = [stats.predict_from_counts(np.array([k, n - k, 0]), alpha) != stats.ABSTAIN for k in range(n + 1)]
+    assert answered == [two_sided_fair_coin_rejects(k, n - k, alpha) for k in range(n + 1)]
+    error = sum(math.comb(n, k) for k in range(n + 1) if answered[k]) / 2**n
+    assert 0 < error <= alpha

@@ -6,7 +6,6 @@ import gzip
 import json
 import math
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -458,16 +457,52 @@ def test_missing_data_folder(tmp_path, capsys):
     assert "nowhere" in error_line(capsys)
 
 
-def test_init_must_be_an_encoder_checkpoint(encoder_dir, fmnist_dir, tmp_path, capsys):
+def test_init_must_be_an_encoder_or_classifier_checkpoint(encoder_dir, fmnist_dir, tmp_path, capsys):
     base = ["finetune", "--sigma", "0.5", *common(fmnist_dir, tmp_path / "out")]
     assert main([*base, "--init", str(tmp_path)]) == 2
     assert "not a checkpoint folder" in error_line(capsys)
-    clf = tmp_path / "clf"
-    rrcm.checkpoint.save_checkpoint(clf, Classifier(TINY), TINY, kind="classifier", sigma=0.5)
-    assert main([*base, "--init", str(clf)]) == 2
-    assert "not a pre-trained encoder" in error_line(capsys)
+    other = tmp_path / "other"
+    rrcm.checkpoint.save_checkpoint(other, Encoder(TINY), TINY, kind="denoiser")
+    assert main([*base, "--init", str(other)]) == 2
+    assert "not a pre-trained encoder or a classifier" in error_line(capsys)
     assert main([*base, "--init", str(encoder_dir), "--preset", "tiny"]) == 2
     assert "--preset" in error_line(capsys)
+
+
+def test_finetune_from_a_classifier_starts_from_its_encoder_with_a_new_head(fmnist_dir, tmp_path):
+    torch.manual_seed(11)
+    source = Classifier(TINY)
+    for param in source.parameters():  # nothing left at its initial value: a loaded weight is told from a fresh one
+        torch.nn.init.normal_(param)
+    clf = rrcm.checkpoint.save_checkpoint(tmp_path / "clf", source, TINY, kind="classifier", sigma=0.5)
+    args = main_args("finetune", ["--init", str(clf), "--sigmas", "0.25,1", *common(fmnist_dir, tmp_path / "out")])
+    data = TensorImageDataset("fashion-mnist", 10, torch.zeros(4, *TINY.input_shape, dtype=torch.uint8), torch.arange(4))
+    trainer = finetune.Finetuner(finetune.encoder_config(args.init), clf, data, args, DistEnv(), "fp32", layer_decay=0.65)
+    got = trainer.model.state_dict()
+    for name, value in source.state_dict().items():
+        assert torch.equal(got[name], value) == name.startswith("base_model."), name
+    fresh = Classifier(TINY).linear_head
+    assert torch.equal(got["linear_head.bias"], fresh.bias) and got["linear_head.weight"].std() < 1e-3
+
+
+def test_diversity_option_parses_is_validated_and_recorded(fmnist_dir, tmp_path, capsys):
+    assert main_args("finetune", ["--from-scratch", "--sigma", "1", "--out", "o"]).diversity == 0.0
+    base = ["finetune", "--from-scratch", "--preset", "tiny", "--sigmas", "0.25,1", "--steps", "2", "--eval-images", "0"]
+    for bad in ("-1", "nan", "inf"):
+        assert main([*base, *common(fmnist_dir, tmp_path / "bad"), "--diversity", bad]) == 2
+        assert "--diversity must be >= 0" in error_line(capsys)
+    assert not (tmp_path / "bad" / "config.json").exists()
+    for weight, out in ((2.5, tmp_path / "on"), (0.0, tmp_path / "off")):
+        assert main([*base, *common(fmnist_dir, out), "--diversity", str(weight)]) == 0
+        assert rrcm.checkpoint.read_config(out)["diversity"] == weight
+        recipe = torch.load(out / "train_state.pt", weights_only=True)["recipe"]
+        assert recipe.get("diversity", 0.0) == weight
+        logged = read_log(out)[-1]
+        assert ({"unrecovered", "spread"} <= set(logged)) == (weight > 0)
+    # A different weight is another run: resuming refuses it.
+    capsys.readouterr()
+    assert main([*base, *common(fmnist_dir, tmp_path / "on"), "--diversity", "1"]) == 2
+    assert "other settings (diversity)" in error_line(capsys)
 
 
 def test_resume_refuses_a_folder_with_other_settings(encoder_dir, fmnist_dir, capsys):
@@ -686,17 +721,38 @@ def test_plan_fills_the_budget_at_the_measured_throughput_and_a_resume_keeps_it(
     assert loop.length_recipe(budget_args(), 40) == {"steps": 40, "warmup": 4}  # as before budgets existed
 
 
-class Steps:
-    """A stand-in trainer: one parameter, a step that sleeps `seconds`."""
+class Clock:
+    """What train.loop reads as `time`: perf_counter moves only by what a step `spend`s, so that a time budget
+    stops a run at the same step on any machine. Steps spend powers of 2 of a second: the sums are exact."""
 
-    def __init__(self, seconds: float):
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    return clock
+
+
+class Steps:
+    """A stand-in trainer: one parameter, a step that takes `seconds` of `clock`."""
+
+    def __init__(self, seconds: float, clock: Clock):
         self.module = torch.nn.Linear(1, 1)
         self.optimizer = loop.adamw(loop.param_groups(self.module, 0.0), 1e-3)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
-        self.seconds = seconds
+        self.seconds, self.clock = seconds, clock
 
     def step_loss(self, step):
-        time.sleep(self.seconds)
+        self.clock.spend(self.seconds)
         return self.module(torch.ones(1)).sum(), {}
 
     def after_step(self, step):
@@ -706,18 +762,19 @@ class Steps:
         return {"model": self.module, "optimizer": self.optimizer}
 
 
-def test_loop_stops_at_the_first_log_line_past_the_budget_and_saves_there():
+def test_loop_stops_at_the_first_log_line_past_the_budget_and_saves_there(clock):
     saved, records = [], []
     settings = loop.LoopSettings(10_000, 0, 1e-3, 4, 3, 0, 40, time_budget=0.3)
-    result = loop.run_loop(settings, Steps(0.02), 0, lambda step, seconds: saved.append((step, seconds)),
+    result = loop.run_loop(settings, Steps(1 / 32, clock), 0, lambda step, seconds: saved.append((step, seconds)),
                            records.append, DistEnv(), "test", spent=0.1)
-    assert result.out_of_time and result.end < 10_000 and result.end % 3 == 0  # at a log line
-    assert saved == [(result.end, pytest.approx(result.total_seconds, abs=0.05))] and saved[0][1] >= 0.3
-    assert records[-1]["stopped"] == "time budget" and records[-1]["seconds"] >= 0.3
+    # 0.1 s spent before, 1/32 s a step: the budget is spent in step 7, a log line every 3 steps stops it at 9.
+    assert result.out_of_time and result.end == 9
+    assert result.total_seconds == 0.1 + 9 / 32 and saved == [(9, result.total_seconds)]
+    assert records[-1]["stopped"] == "time budget" and records[-1]["seconds"] == pytest.approx(0.1 + 9 / 32, abs=0.005)
     assert all("stopped" not in r for r in records[:-1]) and records[-1]["epoch"] == pytest.approx(result.end * 4 / 40)
     assert "stopped by the time budget" in result.summary(settings)
     # Resumed with the budget spent: nothing more.
-    again = loop.run_loop(settings, Steps(0.02), result.end, lambda *a: pytest.fail("nothing to save"),
+    again = loop.run_loop(settings, Steps(1 / 32, clock), result.end, lambda *a: pytest.fail("nothing to save"),
                           records.append, DistEnv(), "test", spent=result.total_seconds)
     assert (again.start, again.end, again.out_of_time) == (result.end, result.end, True)
     assert again.summary(settings).startswith("nothing to train")
@@ -763,23 +820,23 @@ def test_time_budget_run_records_its_plan_and_resumes_exactly(command, fmnist_di
     assert "other settings (time_budget)" in error_line(capsys)
 
 
-def test_finetune_stopped_by_its_budget_stays_stopped(fmnist_dir, tmp_path, monkeypatch, capsys):
+def test_finetune_stopped_by_its_budget_stays_stopped(fmnist_dir, tmp_path, monkeypatch, capsys, clock):
     out = tmp_path / "clf"
     argv = ["finetune", "--from-scratch", "--preset", "tiny", "--sigma", "0.5", "--eval-images", "10",
             "--time-budget", "0.5", *common(fmnist_dir, out), "--log-every", "2"]
     original = finetune.Finetuner.step_loss
 
     def slow(self, step):
-        time.sleep(0.05)
+        clock.spend(1 / 16)
         return original(self, step)
 
-    with monkeypatch.context() as m:  # a throughput 20x what the steps will make: the budget stops the run
+    with monkeypatch.context() as m:  # a throughput 25x what the steps will make: the budget stops the run
         m.setattr(loop, "measure_step_seconds", lambda *a: (0.0025, 0.0))
         m.setattr(finetune.Finetuner, "step_loss", slow)
         assert main(argv) == 0
     config = rrcm.checkpoint.read_config(out)
-    assert config["steps"] == 190 and config["step"] < 190 and config["step"] % 2 == 0
-    assert config["train_seconds"] >= 0.5 and config["test_images"] == 10
+    # 190 steps planned (95% of 0.5 s at 2.5 ms); at 1/16 s a step the budget is spent at step 8, a log line.
+    assert (config["steps"], config["step"], config["train_seconds"], config["test_images"]) == (190, 8, 0.5, 10)
     assert "stopped by the time budget" in capsys.readouterr().out
     log = read_log(out)
     assert log[-2]["stopped"] == "time budget" and log[-1]["test_images"] == 10

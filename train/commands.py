@@ -68,7 +68,9 @@ class _Finetune:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         start = p.add_mutually_exclusive_group(required=True)
-        start.add_argument("--init", help="pre-trained encoder checkpoint folder (from rrcm pretrain); its projector is dropped")
+        start.add_argument("--init", help="pre-trained encoder checkpoint folder (from rrcm pretrain; its projector is "
+                                          "dropped), or a classifier's (from rrcm finetune; its encoder is the start, "
+                                          "its head is dropped)")
         start.add_argument("--from-scratch", action="store_true",
                            help="random initialization: the Gaussian augmentation + consistency baseline")
         noise = p.add_mutually_exclusive_group(required=True)
@@ -82,6 +84,11 @@ class _Finetune:
         p.add_argument("--lam", type=float, help="consistency weight lambda (default 10 for sigma <= 0.25, else 20; with "
                                                  "--sigmas / --sigma-range that rule at each image's sigma)")
         p.add_argument("--eta", type=float, default=0.5, help="entropy weight eta (default 0.5)")
+        p.add_argument("--diversity", type=float, default=0.0,
+                       help="weight of the cascade's diversity term (default 0: off): an image whose noisy copies miss "
+                            "its label trades its consistency and entropy terms for this weight times KL(uniform || "
+                            "average prediction), so that at its sigma the votes spread instead of settling on a "
+                            "wrong class (Jeong & Shin, 2023)")
         p.add_argument("--layer-decay", type=float,
                        help="layer-wise lr decay (default 0.65 with --init, 1.0 (none) with --from-scratch)")
         length = p.add_mutually_exclusive_group()

@@ -10,6 +10,10 @@ With `--sigmas` (a list) or `--sigma-range` one classifier learns several noise 
 draws its own sigma (both its copies share it, so the consistency term compares like with like),
 uniformly from the list, or log-uniformly from the range; its time token is the grid time of 2 sigma
 and its consistency weight the paper's rule at its sigma. The loss is otherwise the same.
+
+`--diversity W` (for the cascade of section 7 of method.md) makes an image whose noisy copies miss its label
+spread its votes instead: see `consistency_finetune_loss`. `--init` takes a pre-trained encoder, or a
+classifier whose encoder starts the run with a new head.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from rrcm.augment import finetune_view
-from rrcm.checkpoint import load_weights, read_config, save_checkpoint
-from rrcm.data import ImageDataset, TensorImageDataset, load_dataset
+from rrcm.checkpoint import WEIGHTS, load_public_state_dict, load_weights, read_config, read_state_dict, save_checkpoint
+from rrcm.data import ImageDataset
 from rrcm.errors import UserError
 from rrcm.model import Classifier
 from rrcm.presets import ModelConfig
@@ -133,12 +137,12 @@ class Finetuner:
     def __init__(self, cfg: ModelConfig, init: Path | None, data: ImageDataset, args: argparse.Namespace, env: DistEnv,
                  precision: str, layer_decay: float):
         self.cfg, self.data, self.env, self.precision = cfg, data, env, precision
-        self.seed, self.eta = args.seed, args.eta
+        self.seed, self.eta, self.diversity = args.seed, args.eta, args.diversity
         self.levels = NoiseLevels(trained_sigmas(args), cfg.grid_points, args.lam, env.device)
         torch.manual_seed(args.seed)
         model = Classifier(cfg)
         if init is not None:
-            load_weights(init, model.base_model)
+            load_encoder(init, model)
         self.model = model.to(env.device)
         self.net = DistributedDataParallel(self.model, device_ids=[env.device] if env.device.type == "cuda" else None) \
             if env.distributed else self.model
@@ -167,7 +171,7 @@ class Finetuner:
         x = noisy_copies(images, COPIES, t_noise, loop.make_generator(dev, self.seed, step, env.rank, NOISE))
         with loop.autocast(self.precision, dev):
             logits = self.net(x, copy_times(t_cond, COPIES, len(labels), dev))
-        loss, parts = consistency_finetune_loss(list(logits.chunk(COPIES)), labels, lam, self.eta)
+        loss, parts = consistency_finetune_loss(list(logits.chunk(COPIES)), labels, lam, self.eta, self.diversity)
         parts["accuracy"] = (logits.detach().argmax(1) == labels.repeat(COPIES)).float().mean()
         return loss, parts
 
@@ -176,10 +180,22 @@ class Finetuner:
 
 
 def encoder_config(init: str) -> ModelConfig:
+    """The model sizes of --init: a pre-trained encoder, or a classifier whose encoder starts the run."""
     config = read_config(init)
-    if config.get("kind") != "encoder":
-        raise UserError(f"--init {init}: a {config.get('kind', 'unknown')} checkpoint, not a pre-trained encoder")
+    if config.get("kind") not in ("encoder", "classifier"):
+        raise UserError(f"--init {init}: a {config.get('kind', 'unknown')} checkpoint, not a pre-trained encoder or a classifier")
     return config["model"]
+
+
+def load_encoder(init: Path, model: Classifier) -> None:
+    """Load the encoder of --init into `model.base_model`: an encoder checkpoint without its projector, or a
+    classifier checkpoint without its head (the run trains a new one)."""
+    if read_config(init).get("kind") == "encoder":
+        load_weights(init, model.base_model)
+        return
+    state = read_state_dict(init / WEIGHTS)
+    encoder = {k.removeprefix("base_model."): v for k, v in state.items() if k.startswith("base_model.")}
+    load_public_state_dict(model.base_model, encoder, str(init / WEIGHTS))
 
 
 def finetune(args: argparse.Namespace, env: DistEnv) -> int:
@@ -188,7 +204,7 @@ def finetune(args: argparse.Namespace, env: DistEnv) -> int:
     loop.check_positive(steps=args.steps, epochs=args.epochs, time_budget=args.time_budget)
     if args.lam is None and trained.single is not None:
         args.lam = default_lam(trained.single)
-    for name in ("lam", "eta") if args.lam is not None else ("eta",):
+    for name in ("lam", "eta", "diversity") if args.lam is not None else ("eta", "diversity"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.eval_images < 0:
@@ -208,19 +224,19 @@ def finetune(args: argparse.Namespace, env: DistEnv) -> int:
     recipe = {"model": cfg.to_dict(), "init": str(init.resolve()) if init else "scratch", **trained.to_config(),
               "lam": args.lam, "eta": args.eta, "layer_decay": layer_decay, **loop.length_recipe(args, steps),
               "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
-              "max_train_images": args.max_train_images}
+              "max_train_images": args.max_train_images,
+              **({"diversity": args.diversity} if args.diversity else {})}  # absent when off: older runs still resume
     folder = loop.RunFolder(args.out, "classifier", recipe, env)
     trainer = Finetuner(cfg, init, data, args, env, precision, layer_decay)
     state = folder.resume()
     start = loop.load_training_state(state, trainer.parts()) if state is not None else 0
     plan, spent = loop.plan_run(args, state, steps, lambda: loop.measure_step_seconds(trainer, args.lr, None, env))
-    meta = dict(kind="classifier", **trained.to_config(), dataset=cfg.dataset, init=recipe["init"])
+    meta = dict(kind="classifier", **trained.to_config(), dataset=cfg.dataset, init=recipe["init"], diversity=args.diversity)
     if env.is_main:
         what = f"resuming at step {start}" if start else "starting"
-        sized = f" (the {args.time_budget:g} s budget at {plan.seconds_per_step * 1e3:.1f} ms a step)" if plan.time_budget else ""
         noise = (f"(t = {trainer.levels.t_noise:g}, conditioned on {trainer.levels.t_cond:.4f})" if trained.single is not None
                  else "(one per image and step: uniform)" if trained.bounds is None else "(one per image and step: log-uniform)")
-        print(f"rrcm finetune: {trained.describe()} {noise}, from {recipe['init']}; {cfg.dataset} ({len(data)} images), {plan.steps} steps of {args.batch_size}{sized}, "
+        print(f"rrcm finetune: {trained.describe()} {noise}, from {recipe['init']}; {cfg.dataset} ({len(data)} images), {plan.steps} steps of {args.batch_size}{plan.note()}, "
               f"{env.world_size} process(es) on {env.device}, {precision}; {what} in {args.out}", flush=True)
 
     def save(step: int, seconds: float) -> None:
@@ -236,9 +252,7 @@ def finetune(args: argparse.Namespace, env: DistEnv) -> int:
         if done.get("eval_images") == args.eval_images:  # a finished run, evaluated already
             accuracy, total = done["test_accuracy"], done["test_images"]
         else:
-            test = load_dataset(cfg.dataset, "test", args.data_dir, cfg.image_size if cfg.dataset == "imagenet" else None)
-            if isinstance(test, TensorImageDataset):
-                test = test.to(env.device)
+            test = loop.load_split(cfg, "test", args.data_dir, env.device)
             by_sigma = {f"{s:g}": noisy_accuracy(trainer.model, test, s, args.eval_images, args.batch_size, args.seed, env)
                         for s in trained.representatives()}
             total = min(num for _, num in by_sigma.values())

@@ -29,6 +29,7 @@ from rrcm.data import ImageDataset, TensorImageDataset, load_dataset
 from rrcm.datasets import DATASETS
 from rrcm.device import upload
 from rrcm.errors import UserError, first_line
+from rrcm.eta import duration
 from rrcm.outputs import OutputLock, atomic_write, check_writable, make_folder, write_error
 from rrcm.presets import ModelConfig, get_preset
 from rrcm.resources import check_fits, vit_training_bytes
@@ -73,11 +74,13 @@ def check_positive(**values: float | int | None) -> None:
 
 
 def check_training_args(args: argparse.Namespace, env: DistEnv) -> None:
-    check_positive(batch_size=args.batch_size, lr=args.lr, log_every=args.log_every, max_train_images=args.max_train_images)
+    check_positive(batch_size=args.batch_size, lr=args.lr, max_train_images=args.max_train_images)
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise UserError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.warmup is not None and args.warmup < 0 or args.save_every < 0:
-        raise UserError("--warmup and --save-every must be >= 0")
+    check_int("--log-every", args.log_every, 1, MAX_STEPS)
+    check_int("--save-every", args.save_every, 0, MAX_STEPS)
+    if args.warmup is not None:
+        check_int("--warmup", args.warmup, 0, MAX_STEPS)
     check_int("--seed", args.seed, 0, MAX_SEED)
     for name, limit in (("steps", MAX_STEPS), ("epochs", MAX_EPOCHS)):
         if (getattr(args, name, None) or 0) > limit:
@@ -95,12 +98,17 @@ def check_memory(cfg: ModelConfig, batch_size: int, copies: int, env: DistEnv) -
                "lower --batch-size or the model's size")
 
 
+def load_split(cfg: ModelConfig, split: str, data_dir: str | None, device: torch.device) -> ImageDataset:
+    """The `split` of the model's dataset at its image size, held on `device` when it fits in a tensor
+    (Fashion-MNIST, CIFAR-10), so that batches are gathered there; image folders (ImageNet) stay on the host,
+    decoded per item."""
+    data = load_dataset(cfg.dataset, split, data_dir, cfg.image_size if cfg.dataset == "imagenet" else None)
+    return data.to(device) if isinstance(data, TensorImageDataset) else data
+
+
 def load_train_data(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) -> ImageDataset:
-    """The training set, held on `device` when it fits in a tensor (Fashion-MNIST, CIFAR-10), so that each step
-    gathers its batch there; image folders (ImageNet) stay on the host, decoded per item."""
-    data = load_dataset(cfg.dataset, "train", args.data_dir, cfg.image_size if cfg.dataset == "imagenet" else None)
-    if isinstance(data, TensorImageDataset):
-        data = data.to(device)
+    """The training set (`load_split`), the first --max-train-images of it when given."""
+    data = load_split(cfg, "train", args.data_dir, device)
     if args.max_train_images is not None and args.max_train_images < len(data):
         data = Subset(data, args.max_train_images)
     if len(data) < args.batch_size:
@@ -265,6 +273,7 @@ class RunFolder:
         """The saved training state, or None for a fresh run."""
         has_config, state = (self.path / CONFIG).is_file(), load_train_state(self.path)
         if not has_config and state is None:
+            self._check_fresh()
             return None
         if state is None:
             raise UserError(f"{self.path} holds a checkpoint but no {TRAIN_STATE} to resume from; choose another --out")
@@ -279,6 +288,25 @@ class RunFolder:
                             "use the same command to resume or another --out")
         self._resumed_step = state["step"]
         return state
+
+    def _check_fresh(self) -> None:
+        """A folder without a saved run may hold only what a run killed before its first save leaves: its log
+        (dropped once this run writes) and temporary files. Anything else under our names is not ours."""
+        if (self.path / WEIGHTS).exists():
+            raise UserError(f"--out {self.path} holds a {WEIGHTS} without the {CONFIG} and {TRAIN_STATE} a run of "
+                            "rrcm saves with it: not writing there; choose a new or empty folder")
+        log = self.path / LOG
+        if not log.exists():
+            return
+        try:
+            *lines, tail = log.read_bytes().split(b"\n")
+        except OSError as e:
+            raise UserError(f"cannot read {log}: {e.strerror}") from None
+        head = b'{"step": '
+        if not (all(_is_log_record(line) for line in lines) and head.startswith(tail[:len(head)])):
+            raise UserError(f"--out {self.path} holds a {LOG} that rrcm did not write: not writing there; "
+                            "choose a new or empty folder")
+        self._resumed_step = 0  # the killed run's lines go once this run writes
 
     def _truncate_log(self) -> None:
         """Drop log lines written after the resumed step (or cut off) by the run that was stopped: only once
@@ -310,6 +338,15 @@ class RunFolder:
         if self.env.is_main:
             self._truncate_log()
             save_train_state(self.path, {**state, "recipe": self.recipe})
+
+
+def _is_log_record(line: bytes) -> bool:
+    """A complete line of a run's log.jsonl: a JSON object with its step first."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and isinstance(next(iter(record.values()), None), int) and next(iter(record)) == "step"
 
 
 def rng_state() -> dict:
@@ -361,6 +398,12 @@ class Plan:
     time_budget: float | None = None
     seconds_per_step: float | None = None  # measured
     measure_seconds: float = 0.0  # what measuring took, counted against the budget
+
+    def note(self) -> str:
+        """How a run sized by a time budget got its steps (for its first printed line); '' without a budget."""
+        if self.time_budget is None:
+            return ""
+        return f" (the {self.time_budget:g} s budget at {self.seconds_per_step * 1e3:.1f} ms a step)"
 
 
 def length_recipe(args: argparse.Namespace, steps: int | None) -> dict:
@@ -500,9 +543,10 @@ def run_loop(settings: LoopSettings, trainer: Trainer, start_step: int, save: Ca
     """Steps start_step..steps-1 of `optimizer_step`; logs every `log_every` steps, saves every `save_every`
     and at the end. `save(step, seconds)` gets the loop seconds of the run so far (`spent` by earlier sessions).
 
-    Between log lines nothing is read back from the device, so that a GPU runs ahead of the host. At a log
-    line the processes agree whether the time budget is spent; if so the run saves and stops there. A loss that is
-    no longer a number stops the run there, before its state is saved.
+    Between log lines nothing is read back from the device, so that a GPU runs ahead of the host (but for the
+    two waits that time MEASURE_STEPS steps after MEASURE_WARMUP, from which the main process prints the time
+    left: `eta_line`). At a log line the processes agree whether the time budget is spent; if so the run saves
+    and stops there. A loss that is no longer a number stops the run there, before its state is saved.
     """
     s = settings
     t0 = time.perf_counter()
@@ -516,10 +560,22 @@ def run_loop(settings: LoopSettings, trainer: Trainer, start_step: int, save: Ca
         return _steps(s, trainer, start_step, save, log, bar, seconds, t0)
 
 
+def eta_line(desc: str, s: LoopSettings, done: int, per_step: float, spent: float) -> str:
+    """The time a run has left after step `done`, at `per_step` seconds a step (timed over the MEASURE_STEPS
+    steps before), and where its time budget (after `spent` seconds) stops it sooner."""
+    left = s.steps - done
+    line = (f"rrcm {desc}: about {duration(left * per_step)} for the {left:,} steps left ({per_step * 1e3:.1f} ms a "
+            f"step over steps {done - MEASURE_STEPS + 1}-{done})")
+    if s.time_budget is not None and s.time_budget - spent < left * per_step:
+        line += f"; the time budget stops it in about {duration(max(s.time_budget - spent, 0.0))}"
+    return line
+
+
 def _steps(s: LoopSettings, trainer: Trainer, start_step: int, save: Callable[[int, float], None],
            log: Callable[[dict], None], bar: tqdm, seconds: Callable[[], float], t0: float) -> LoopResult:
     window: dict[str, torch.Tensor] = {}
     count, last, tick, done, out_of_time = 0, {}, time.perf_counter(), start_step, False
+    timed_from, timed_to, timed_start = start_step + MEASURE_WARMUP, start_step + MEASURE_WARMUP + MEASURE_STEPS, 0.0
     for step in range(start_step, s.steps):
         loss, parts, extra, lr = optimizer_step(s, trainer, step)
         for k, v in {"loss": loss.detach(), **parts}.items():
@@ -527,6 +583,13 @@ def _steps(s: LoopSettings, trainer: Trainer, start_step: int, save: Callable[[i
         count += 1
         done = step + 1
         bar.update(1)
+        if done in (timed_from, timed_to) and timed_to < s.steps:
+            synchronize(loss.device)
+            if done == timed_from:
+                timed_start = time.perf_counter()
+            elif not bar.disable:
+                per_step = (time.perf_counter() - timed_start) / MEASURE_STEPS
+                bar.write(eta_line(bar.desc, s, done, per_step, seconds()))
         if done % s.log_every == 0 or done == s.steps:
             clock = torch.full((), seconds(), device=loss.device)  # a fill, not a copy from the host
             *means, elapsed = all_reduce_mean(torch.stack([v / count for v in window.values()] + [clock])).tolist()

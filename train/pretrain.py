@@ -163,8 +163,7 @@ def pretrain(args: argparse.Namespace, env: DistEnv) -> int:
     trainer.steps = plan.steps
     if env.is_main:
         what = f"resuming at step {start}" if start else "starting"
-        sized = f" (the {args.time_budget:g} s budget at {plan.seconds_per_step * 1e3:.1f} ms a step)" if plan.time_budget else ""
-        print(f"rrcm pretrain: {cfg.dataset} ({len(data)} images), {plan.steps} steps of {args.batch_size}{sized}, "
+        print(f"rrcm pretrain: {cfg.dataset} ({len(data)} images), {plan.steps} steps of {args.batch_size}{plan.note()}, "
               f"{env.world_size} process(es) on {env.device}, {precision}; {what} in {args.out}", flush=True)
 
     def save(step: int, seconds: float) -> None:

@@ -80,8 +80,8 @@ class _Command:
                        help="noise std in pixel space (images in [0, 1]); default: the one the model records. Several, "
                             "comma-separated (e.g. 0.25,0.5,1.0): cascaded smoothing, from the largest sigma down, each "
                             "stage answering where one class has probability above --p0 and otherwise passing the image on; "
-                            f"{'certified as that rule, ' if self.mode == 'certify' else ''}n0 and n per stage, alpha / K "
-                            "each; TSV gets samples and sigma (the stage that answered) columns")
+                            f"{'certified as that rule, n0' if self.mode == 'certify' else '100 selection samples'} and n "
+                            "per stage, alpha / K each; TSV gets samples and sigma (the stage that answered) columns")
         p.add_argument("--p0", type=float, default=None,
                        help="several sigmas: a stage answers when its top class has smoothed probability above this "
                             "(in [0.5, 1); default 0.5)")

@@ -34,7 +34,7 @@ from torch import nn
 from rrcm.cpu import cpu_info
 from rrcm.distributed import on_rank_zero
 from rrcm.engine.backends import make_backend
-from rrcm.engine.timing import timed_rounds
+from rrcm.engine.timing import FAR_BELOW, timed_rounds
 from rrcm.errors import UserError, first_line
 from rrcm.outputs import atomic_write
 
@@ -48,7 +48,6 @@ DEFAULT = "eager"  # what runs when no other runtime leads clearly: what --preci
 PROBE_SECONDS = 1.0  # of timing per candidate, after its compilation, over all rounds
 PROBE_ROUNDS = 5
 CLEAR_LEAD = 1.2  # the median paired ratio a runtime needs over the one it replaces
-RECHECK = 0.5  # a run below this share of its runtime's cached rate has the choice timed again
 RECHECK_SECONDS = 10.0  # of a run's sampling, at least, to judge its rate by
 CACHE_VERSION = 1
 
@@ -238,12 +237,12 @@ def select_runtime(model: nn.Module, fingerprint: str, batch: int, device: torch
 
 def recheck(choice: Choice, measured: float | None, seconds: float, cache: Path | None = None) -> str | None:
     """After a run on `choice` that measured `measured` samples/s over `seconds` (at least RECHECK_SECONDS):
-    when that is below RECHECK of the rate the choice was made on (the probe ran on a quieter machine, or this
+    when that is below FAR_BELOW of the rate the choice was made on (the probe ran on a quieter machine, or this
     one changed), its cache entry is dropped so that the next run times the runtimes again; returns the line
-    that says so, else None. A run's rate counts noise and counting besides the model, hence the generous RECHECK."""
+    that says so, else None. A run's rate counts noise and counting besides the model, hence the generous FAR_BELOW."""
     cached = choice.rates.get(choice.runtime)
     if choice.digest is None or cached is None or measured is None or seconds < RECHECK_SECONDS \
-            or measured >= RECHECK * cached:
+            or measured >= FAR_BELOW * cached:
         return None
     cache = cache or cache_path()
     entries = _read_entries(cache)

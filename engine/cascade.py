@@ -169,15 +169,15 @@ class Cascade:
                 upper = upper_confidence_sequence(t, counts, upper_level) + slack
                 if upper.max() <= self.p0:
                     return Stage(certifier.sigma, "pass", selected, math.nan, upper, n0 + t)
-            can_answer = counts[selected] + (n - t) >= needed
-            # More samples only lower an upper bound as far as its value at n with no further hits.
-            can_pass = not last and (upper_confidence_sequence(n, counts, upper_level) + slack).max() <= self.p0
-            if beta is not None:
-                hits = counts[selected]
-                can_answer = can_answer and upper_confidence_sequence(t, hits, beta) - slack > self.p0
-                lowest = 1.0 - upper_confidence_sequence(t, t - counts, beta / self.num_classes) + slack
-                can_pass = can_pass and lowest.max() <= self.p0
-            if not (can_answer or can_pass):
+            can_answer = counts[selected] + (n - t) >= needed and (
+                beta is None or upper_confidence_sequence(t, counts[selected], beta) - slack > self.p0)
+            if can_answer:
+                continue
+            # Only passing is left, which the last stage cannot; more samples lower an upper bound at most to its
+            # value at n with no further hits, and a class clearly above p0 stays there.
+            if last or (upper_confidence_sequence(n, counts, upper_level) + slack).max() > self.p0 or (
+                    beta is not None
+                    and (1.0 - upper_confidence_sequence(t, t - counts, beta / self.num_classes) + slack).max() > self.p0):
                 break
         if t == n and counts[selected] >= needed:
             p_lower = float(stats.lower_confidence_bound(int(counts[selected]), n, lower_level)) - slack

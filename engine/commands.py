@@ -150,10 +150,9 @@ class _Command:
         certify = self.mode == "certify"
         if certify and args.tolerance is not None and not args.adaptive:
             raise UserError("--tolerance applies to --adaptive only")
-        several = args.sigma is not None and "," in args.sigma
-        if args.beta is not None and not several and (not certify or args.radius is None):
-            raise UserError("--beta applies to --radius and to several sigmas only")
         pairs = model_sigma_pairs(args.model, args.sigma)
+        if args.beta is not None and len(pairs) == 1 and (not certify or args.radius is None):
+            raise UserError("--beta applies to --radius and to several sigmas only")
         variants = {"radius": args.radius, "adaptive": args.adaptive} if certify else {}
         if certify and args.tolerance is not None:
             variants["tolerance"] = args.tolerance

@@ -24,6 +24,7 @@ Forward = Callable[[torch.Tensor], Any]
 FEASIBLE_DAYS = 100  # a day of the measured rate times a generous factor: longer runs are refused without --force
 MEASURE_SECONDS = 2.0  # of sampling after the first batch (its warm-up excluded) that measure a run's rate
 INNER_BAR_SECONDS = 5.0  # an image (or group of images) running longer than this gets a bar of its samples
+FAR_BELOW = 0.5  # a run measuring below this share of the rate it was planned on is news (estimate, runtime choice)
 
 
 def samples_per_second(forward: Forward, batch: torch.Tensor, seconds: float) -> float:
@@ -107,10 +108,8 @@ class Meter:
     first image; without it the rate is measured over the first MEASURE_SECONDS of sampling after the first
     batch (or the first groups, where they are shorter) and the estimate printed then. Work longer than
     FEASIBLE_DAYS at either rate is refused with TooLong unless `force`; a measured rate far below the given
-    one (RECHECK) prints a new estimate. `sync` waits for the device before the clock is read (CUDA).
+    one (FAR_BELOW) prints a new estimate. `sync` waits for the device before the clock is read (CUDA).
     """
-
-    RECHECK = 0.5  # a measured rate below this share of the given one is news
 
     def __init__(self, rate: float | None = None, source: str = "", *, force: bool = False,
                  clock: Callable[[], float] = time.perf_counter, write: Callable[[str], None] = tqdm.write):
@@ -188,7 +187,7 @@ class Meter:
         if seconds <= 0:
             return
         self.rate = self._measured_samples / seconds
-        if self.work is None or (self.prior is not None and self.rate >= self.RECHECK * self.prior):
+        if self.work is None or (self.prior is not None and self.rate >= FAR_BELOW * self.prior):
             return
         source = "measured on this run's first images" if self.prior is None else \
             f"measured on this run's first images, far below the {self.prior:,.0f} {self.source}"
